@@ -169,3 +169,40 @@ def test_cli_prepare_and_errors(tmp_path, capsys):
         )
         == 1
     )  # the failed case is reported
+
+
+def test_prepare_real_ct_with_kidney_labels(real_fixtures, tmp_path):
+    ds = tmp_path / "Dataset001_Real"
+    (ds / "imagesTr").mkdir(parents=True)
+    (ds / "labelsTr").mkdir()
+    (ds / "imagesTr" / "ct_0000.nii.gz").symlink_to(real_fixtures / "abdomen_ct_3mm.nii.gz")
+    (ds / "labelsTr" / "ct.nii.gz").symlink_to(
+        real_fixtures / "abdomen_ct_3mm_totalseg_labels.nii.gz"
+    )
+    (ds / "dataset.json").write_text(
+        json.dumps({"labels": {"background": 0, "kidney_right": 2, "kidney_left": 3}})
+    )
+    summary = prepare_dataset(
+        ds, tmp_path / "out", PrepareConfig(size=128, image_format="npz"), progress=False
+    )
+    # kidneys on slices 0..22 of 30 axial slices: window centres 1..22 at most
+    assert 15 <= summary["windows"] <= 22
+    records = [
+        json.loads(x)
+        for x in (tmp_path / "out" / ds.name / "meta" / "ct.jsonl").read_text().splitlines()
+    ]
+    assert all(r["axis_name"] == "z" and r["slice_shape"] == [101, 122] for r in records)
+    assert {n for r in records for n in r["class_names"]} == {"kidney_right", "kidney_left"}
+    assert max(r["slice_index"] for r in records) <= 22
+
+
+def test_real_dicom_series_makes_one_window(real_fixtures):
+    from slidesam.data.io import read_image
+    from slidesam.data.preprocess import resize_image, slice_window, to_uint8
+
+    ct = read_image(real_fixtures / "dicom_ct_3slice")
+    window = to_uint8(slice_window(ct.array, 0, 1), (-200, 400))
+    rgb = resize_image(window, 512)  # 512 -> 512: no resampling, channels are the slices
+    for c in range(3):
+        np.testing.assert_array_equal(rgb[..., c], to_uint8(ct.array[c], (-200, 400)))
+    assert 0 < rgb.mean() < 255

@@ -311,6 +311,8 @@ def prepare_dataset(
         the summary dict (also written as ``summary.json``).
     """
     dataset_dir = Path(dataset_dir)
+    if workers < 1:
+        raise InputError(f"workers must be at least 1, got {workers}")
     if not dataset_dir.is_dir():
         raise InputError(f"{dataset_dir}: no such dataset folder")
     targets = read_targets(dataset_dir, config.labels)
