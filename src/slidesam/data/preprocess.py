@@ -97,13 +97,22 @@ def window_centres(n_slices: int) -> range:
     return range(1, n_slices - 1)
 
 
-def slice_window(array: np.ndarray, axis: int, centre: int) -> np.ndarray:
-    """Slices ``centre - 1 .. centre + 1`` along ``axis`` as a ``(3, H, W)`` view.
+def slice_window(array: np.ndarray, axis: int, centre: int, *, clamp: bool = False) -> np.ndarray:
+    """Slices ``centre - 1 .. centre + 1`` along ``axis`` as a ``(3, H, W)`` array.
 
-    (H, W) are the two remaining axes in array order, e.g. (y, x) for axis 0.
+    (H, W) are the two remaining axes in array order, e.g. (y, x) for axis 0. Without
+    ``clamp`` the window must lie inside the stack (centres 1..n-2; a view is returned); with
+    ``clamp`` every centre 0..n-1 works, neighbours past the ends repeating the edge slice
+    (inference uses this so the first and last slices get a window of their own).
     """
-    if not 1 <= centre <= array.shape[axis] - 2:
-        raise InputError(f"window centre {centre} out of range for {array.shape[axis]} slices")
+    n = array.shape[axis]
+    if clamp:
+        if not 0 <= centre < n:
+            raise InputError(f"window centre {centre} out of range for {n} slices")
+        index = [min(max(i, 0), n - 1) for i in (centre - 1, centre, centre + 1)]
+        return np.moveaxis(np.take(array, index, axis=axis), axis, 0)
+    if not 1 <= centre <= n - 2:
+        raise InputError(f"window centre {centre} out of range for {n} slices")
     return np.moveaxis(array, axis, 0)[centre - 1 : centre + 2]
 
 
