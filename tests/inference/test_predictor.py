@@ -149,3 +149,24 @@ def test_plain_sam_predicts_the_centre_slice(volume):
     out = predictor.predict(2, boxes=[8, 12, 40, 36])
     assert out.masks.shape == (1, 3, 1, 48, 64)
     assert out.slices == (2,)
+
+
+def test_per_slice_baseline_runs_a_plain_sam(volume):
+    from slidesam.core.prompts import Prompt
+    from slidesam.inference.propagation import PropagationConfig, VolumeSegmenter
+
+    torch.manual_seed(0)
+    sam = slidesam.build_sam("tiny_64")
+    predictor = slidesam.SlideSAMPredictor(sam, batch_size=2)
+    batches = []
+    encode = sam.encode
+    sam.encode = lambda x: batches.append(x.shape[0]) or encode(x)
+    prompts = [Prompt(slice=s, box=(8, 12, 40, 36)) for s in (1, 2, 3)]
+    result = VolumeSegmenter(predictor, PropagationConfig(mode="per-slice")).segment(
+        volume, prompts
+    )
+    assert [c for _, c, _ in result.windows] == [1, 2, 3]
+    assert result.encoder_passes == 3
+    assert batches == [2, 1]  # the independent windows are encoded in batches
+    assert not result.labels[[0, 4, 5]].any()  # only the prompted slices can be labelled
+    assert {r.slice for r in result.records} == {1, 2, 3}

@@ -22,7 +22,10 @@ from slidesam.inference.checkpoint import (
 )
 from slidesam.modeling import Sam, build_model
 
-__all__ = ["build_sam", "build_slidesam", "load_model"]
+__all__ = ["DEFAULT_MODEL_FILE", "build_sam", "build_slidesam", "default_model", "load_model"]
+
+#: the embedded default model shipped inside the package (slidesam/weights/)
+DEFAULT_MODEL_FILE = "default_slidesam.pt"
 
 
 def _ready(model: Sam, device: str | torch.device, eval_mode: bool) -> Sam:
@@ -128,3 +131,23 @@ def load_model(path: str | Path, *, device: str = "cpu", eval_mode: bool = True)
     model = build_model(config)
     load_strict(model, state, what=str(path))
     return _ready(model, device, eval_mode)
+
+
+def default_model(*, device: str = "cpu") -> Sam:
+    """The small Slide-SAM shipped inside the package (trained on phantoms; see its model card)."""
+    from importlib.resources import files
+
+    path = files("slidesam") / "weights" / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise InputError(
+            "this installation has no embedded default model yet (it comes with the training "
+            "recipe); pass --checkpoint MODEL (official SAM, released Slide-SAM or ours)"
+        )
+    return load_model(Path(str(path)), device=device)
+
+
+def load_any(checkpoint: str | Path | None, *, device: str = "cpu") -> Sam:
+    """Slide-SAM from any supported checkpoint, or the embedded default when None."""
+    if checkpoint is None:
+        return default_model(device=device)
+    return build_slidesam(checkpoint=checkpoint, device=device)

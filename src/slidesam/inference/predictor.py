@@ -138,6 +138,7 @@ class SlideSAMPredictor:
         self.scaling = scaling
         self.batch_size = batch_size
         self.cache_size = cache_size
+        self.encoder_passes = 0  # windows encoded so far (cache hits are free)
         self._state: _VolumeState | None = None
 
     # --- volume and embeddings -------------------------------------------------------------
@@ -187,6 +188,7 @@ class SlideSAMPredictor:
             x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).float()
             with torch.inference_mode(), self._autocast():
                 emb = self.model.encode(x).float()
+            self.encoder_passes += len(chunk)
             for c, e in zip(chunk, emb, strict=True):
                 st.embeddings[c] = e
         out = []
