@@ -174,6 +174,16 @@ def test_our_checkpoint_round_trip_with_config(tmp_path):
     )
 
 
+@torch.no_grad()
+def test_bare_state_dict_in_our_layout_reads_its_lora_rank(tmp_path):
+    model = random_weights(slidesam.build_slidesam(VARIANT, lora_rank=3), 6).eval()
+    torch.save(model.state_dict(), tmp_path / "bare.pth")
+    loaded = slidesam.build_slidesam(checkpoint=tmp_path / "bare.pth")
+    assert loaded.config.lora_rank == 3
+    image, boxes = _inputs(model.image_size)
+    torch.testing.assert_close(loaded(image, boxes=boxes)[0], model(image, boxes=boxes)[0])
+
+
 def test_wrong_variant_is_named(tmp_path):
     _, path = official_sam_file(tmp_path, variant="tiny_64")
     with pytest.raises(InputError, match=r"the checkpoint is tiny_64 .* but variant 'tiny' was"):

@@ -111,7 +111,9 @@ def build_slidesam(
         state, rank = convert_release(state, merge=merge_lora)
         options["lora_rank"] = rank if rank else options["lora_rank"]
         config = variant_config(found, num_slices=3, **options)
-    else:  # our layout without the config wrapper
+    else:  # our layout without the config wrapper: LoRA rank from the shapes
+        ranks = {int(v.shape[0]) for k, v in state.items() if k.endswith(".lora_a_q")}
+        options["lora_rank"] = ranks.pop() if len(ranks) == 1 else 0
         config = variant_config(found, num_slices=3, **options)
     model = build_model(config)
     load_strict(model, state, allow_missing=allow_missing, what=str(checkpoint))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from slidesam.core.config import SamConfig
 from slidesam.modeling.image_encoder import ImageEncoderViT
 from slidesam.modeling.lora import LoRAQKV
 from slidesam.modeling.mask_decoder import MaskDecoder
@@ -18,6 +19,8 @@ __all__ = ["Sam"]
 
 class Sam(nn.Module):
     mask_threshold: float = 0.0
+    #: the config it was built from (set by ``build_model``; saved with every checkpoint)
+    config: SamConfig | None = None
 
     def __init__(
         self,
