@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from slidesam.core.config import variant_config
-from slidesam.modeling import build_model
+from slidesam.modeling import build_model, common
 from slidesam.modeling import image_encoder as ie
 
 
@@ -42,8 +42,13 @@ def matmul_peak(n: int = 4096, repeats: int = 5) -> float:
 
 
 def encoder_flops(encoder, x: torch.Tensor) -> float:
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        encoder(x)
+    # the counter does not see oneDNN's fused linear: count on the plain path (same work)
+    fast, common._ONEDNN_LINEAR = common._ONEDNN_LINEAR, False
+    try:
+        with FlopCounterMode(display=False) as counter, torch.inference_mode():
+            encoder(x)
+    finally:
+        common._ONEDNN_LINEAR = fast
     flops = counter.get_total_flops()
     grid = x.shape[-1] // encoder.patch_embed.proj.kernel_size[0]
     dim = encoder.pos_embed.shape[-1]
@@ -58,7 +63,8 @@ def encoder_flops(encoder, x: torch.Tensor) -> float:
 
 
 def sam_reference_block(self, x):
-    """SAM's original block arithmetic (for --reference): pad x, explicit attention."""
+    """SAM's original block arithmetic (for --reference): pad x, explicit attention, the
+    default GEMM path (torch's nn.Linear)."""
     shortcut = x
     x = self.norm1(x)
     if self.window_size > 0:
@@ -81,7 +87,8 @@ def sam_reference_block(self, x):
     if self.window_size > 0:
         x = ie.window_unpartition(x, self.window_size, pad_hw, (h, w))
     x = shortcut + x
-    return x + self.mlp(self.norm2(x))
+    mlp = self.mlp
+    return x + mlp.lin2(mlp.act(mlp.lin1(self.norm2(x))))
 
 
 def time_encoder(encoder, x, repeats: int) -> float:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slidesam.modeling.common import LayerNorm2d, MLPBlock
+from slidesam.modeling.common import LayerNorm2d, MLPBlock, linear
 from slidesam.modeling.lora import LoRAQKV
 
 __all__ = ["ImageEncoderViT"]
@@ -117,10 +117,10 @@ class Block(nn.Module):
             # the bias (same result), and project the output after cropping: no linear work is
             # spent on padding (64 -> 70 tokens a side at 1024 px, 20 % more tokens).
             h, w = x.shape[1], x.shape[2]
-            qkv = self.attn.qkv(x)
+            qkv = linear(self.attn.qkv, x)
             windows, pad_hw = window_partition(qkv, self.window_size, pad_value=self.attn.qkv.bias)
             x = window_unpartition(self.attn.attend(windows), self.window_size, pad_hw, (h, w))
-            x = self.attn.proj(x)
+            x = linear(self.attn.proj, x)
         else:
             x = self.attn(x)
         x = shortcut + x
@@ -153,7 +153,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C), every position attending to every other."""
-        return self.proj(self.attend(self.qkv(x)))
+        return linear(self.proj, self.attend(linear(self.qkv, x)))
 
     def attend(self, qkv: torch.Tensor) -> torch.Tensor:
         """Projected (B, H, W, 3C) -> attention output (B, H, W, C), before ``proj``.

@@ -1,0 +1,1 @@
+"""Training: the Slide-SAM hybrid loss and training-time prompt simulation."""
