@@ -246,3 +246,70 @@ def test_missing_default_model_is_explained(tmp_path, capsys):
     else:
         assert code == 2
         assert "no embedded default model" in capsys.readouterr().err
+
+
+def test_dicom_in_dicom_seg_out(tmp_path, checkpoint, monkeypatch):
+    import highdicom as hd
+    import pydicom
+
+    import slidesam.inference.segment as seg_api
+    from slidesam.data.dicom import write_dicom_series
+    from slidesam.inference.propagation import SegmentationResult
+
+    rng = np.random.default_rng(0)
+    arr = rng.integers(-150, 250, GEOM.shape).astype(np.int16)
+    write_dicom_series(Volume(arr, GEOM), tmp_path / "series")
+    known = np.zeros(GEOM.shape, np.uint8)
+    known[3:6, 10:20, 12:30] = 2
+
+    def fixed(volume, prompts, predictor, config, progress=False):
+        return SegmentationResult(
+            labels=known, probabilities={}, records=[], windows=[], encoder_passes=0
+        )
+
+    monkeypatch.setattr(seg_api, "segment_volume", fixed)
+    out = tmp_path / "m.nii.gz"
+    code = main(
+        [
+            "segment",
+            "--image",
+            str(tmp_path / "series"),
+            "--prompts",
+            str(_prompts(tmp_path / "p.json")),
+            "--out",
+            str(out),
+            "--checkpoint",
+            str(checkpoint),
+            "--dicom-seg",
+            str(tmp_path / "seg.dcm"),
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    ct = read_image(tmp_path / "series")
+    np.testing.assert_array_equal(read_label(out, reference=ct).array, known)
+    seg = hd.seg.segread(tmp_path / "seg.dcm")
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["tumor"]
+    uids = [pydicom.dcmread(f).SOPInstanceUID for f in ct.source_files]
+    back = seg.get_pixels_by_source_instance(uids, combine_segments=True)
+    np.testing.assert_array_equal(back > 0, known > 0)
+    # a NIfTI input cannot be referenced by a DICOM SEG: refused before anything runs
+    assert (
+        main(
+            [
+                "segment",
+                "--image",
+                str(_image(tmp_path / "ct.nii.gz")),
+                "--prompts",
+                str(tmp_path / "p.json"),
+                "--out",
+                str(tmp_path / "n.nii.gz"),
+                "--checkpoint",
+                str(checkpoint),
+                "--dicom-seg",
+                str(tmp_path / "x.dcm"),
+            ]
+        )
+        == 2
+    )
+    assert not (tmp_path / "n.nii.gz").exists()

@@ -123,6 +123,13 @@ def register(sub) -> None:
         action="store_true",
         help="also write the fused foreground probability per label",
     )
+    p.add_argument(
+        "--dicom-seg",
+        type=Path,
+        metavar="FILE",
+        help="single case read from a DICOM series: also write the mask as a DICOM SEG "
+        "referencing it (for PACS and viewers)",
+    )
     p.add_argument("--overwrite", action="store_true", help="batch: redo finished cases")
     p.add_argument("--part-id", type=int, default=0, help="batch: this part (0-based)")
     p.add_argument("--num-parts", type=int, default=1, help="batch: number of parts")
@@ -168,6 +175,10 @@ def run(args: argparse.Namespace) -> int:
         image = read_image(args.image)
         prompts = read_prompts(args.prompts, image.geometry)
         output_paths(args.out)
+        if args.dicom_seg is not None and not image.source_files:
+            raise InputError("--dicom-seg needs the image as a DICOM series folder")
+    if batch and args.dicom_seg is not None:
+        raise InputError("--dicom-seg is for a single case")
     predictor = SlideSAMPredictor(
         load_any(args.checkpoint, device=args.device),
         device=args.device,
@@ -203,6 +214,13 @@ def run(args: argparse.Namespace) -> int:
         save_probabilities=args.save_probabilities,
         info={**info, "image": str(args.image), "prompts": str(args.prompts)},
     )
+    if args.dicom_seg is not None:
+        from slidesam.data.dicom import write_dicom_seg
+
+        if result.labels.any():
+            write_dicom_seg(result.labels, image, args.dicom_seg)
+        else:
+            print(f"{args.dicom_seg}: not written, the mask is empty")
     labels = sorted({r.label for r in result.records})
     print(
         f"{paths.mask}: labels {labels}, {len(result.windows)} windows, "
