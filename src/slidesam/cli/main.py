@@ -12,7 +12,7 @@ from slidesam import __version__
 from slidesam.core import InputError
 
 # subcommand modules, each with ``register(subparsers)`` that sets ``func=run(args) -> int``
-_COMMANDS = ("phantom", "prepare", "segment", "evaluate")
+_COMMANDS = ("phantom", "prepare", "segment", "evaluate", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:

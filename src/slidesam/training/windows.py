@@ -535,6 +535,12 @@ class WindowDataset(Dataset):
     def __getitem__(self, index: int) -> WindowSample:
         return self.get(index)
 
+    def sample_cases(self) -> list[tuple[int, str]]:
+        """(folder index, case) of every sample, in index order, without reading any file."""
+        return [
+            (self._windows[int(w)].dataset, self._windows[int(w)].case) for w in self._window_ids
+        ]
+
     def get(self, index: int, *, rng: np.random.Generator | None = None) -> WindowSample:
         """Read sample ``index`` and augment it (if configured) with ``rng``.
 

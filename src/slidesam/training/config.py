@@ -1,0 +1,348 @@
+"""``TrainConfig``: every setting of a ``slidesam train`` run, read from YAML and saved with it.
+
+A config file has seven sections, each optional (missing keys take the defaults below)::
+
+    data:    {folders: [OUT/Dataset001], weights: null, classes: null, image_size: null,
+              samples_per_epoch: null}
+    model:   {variant: tiny, init_checkpoint: null, lora_rank: 8, trainable: lora}
+    loss:    LossConfig fields     (slidesam.training.losses)
+    prompts: PromptSimConfig fields (slidesam.training.prompt_sim)
+    augment: AugmentConfig fields  (slidesam.training.windows)
+    optim:   {lr: 2.0e-4, betas: [0.9, 0.999], weight_decay: 0.1, batch_size: 2, epochs: 100,
+              warmup_epochs: 0, cosine: false, grad_clip: 1.0}
+    run:     {out_dir: runs/train, seed: 0, num_workers: 0, val_fraction: 0.1,
+              val_folders: [], save_every: 0, device: cpu}
+
+Unknown sections or keys are an ``InputError`` that names them (with their section); a value of
+the wrong type is an ``InputError`` naming the key and the expected type. Relative paths are
+relative to the working directory. Torch-free: reading a config imports no torch.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from slidesam.core.errors import InputError
+from slidesam.modeling.build import TRAINABLE_PRESETS
+from slidesam.training.losses import LossConfig
+from slidesam.training.prompt_sim import PromptSimConfig
+from slidesam.training.windows import AugmentConfig
+
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TrainConfig",
+    "load_train_config",
+]
+
+_TRAINABLE = tuple(TRAINABLE_PRESETS)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Training windows.
+
+    Attributes:
+        folders: prepared dataset folders (``OUT/<dataset>`` of ``slidesam prepare``).
+        weights: mixing weight of each folder (a batch draws folder d with probability
+            ``w_d / sum(w)``); None = in proportion to their numbers of samples.
+        classes: keep only targets of these class names; None = all.
+        image_size: side of the windows fed to the model; None = the model's input size
+            (the only value allowed: prompts are in model-input pixels). Windows prepared at
+            another size are resized on reading.
+        samples_per_epoch: samples drawn per epoch; None = the number of training samples.
+    """
+
+    folders: tuple[str, ...] = ()
+    weights: tuple[float, ...] | None = None
+    classes: tuple[str, ...] | None = None
+    image_size: int | None = None
+    samples_per_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.folders:
+            raise InputError("data.folders is empty: list the prepared dataset folder(s)")
+        if self.weights is not None and len(self.weights) != len(self.folders):
+            raise InputError(
+                f"data.weights has {len(self.weights)} value(s) for {len(self.folders)} folder(s)"
+            )
+        if self.weights is not None and any(not w > 0 for w in self.weights):
+            raise InputError(f"data.weights must be positive, got {list(self.weights)}")
+        if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
+            raise InputError(f"data.samples_per_epoch must be >= 1, got {self.samples_per_epoch}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network and what of it trains.
+
+    Attributes:
+        variant: registry name (``slidesam.core.config.VARIANTS``), e.g. ``tiny``, ``vit_b``.
+        init_checkpoint: weights to fine-tune from (official SAM, released Slide-SAM or ours);
+            None = from scratch (seeded by ``run.seed``).
+        lora_rank: LoRA rank on q and v of every encoder block (0 = none); a checkpoint of ours
+            keeps its own rank.
+        trainable: preset of ``slidesam.modeling.build.TRAINABLE_PRESETS``: ``lora`` (LoRA +
+            patch embedding + prompt encoder + decoder, the paper's), ``decoder``,
+            ``decoder+prompt`` or ``full``.
+    """
+
+    variant: str = "tiny"
+    init_checkpoint: str | None = None
+    lora_rank: int = 8
+    trainable: str = "lora"
+
+    def __post_init__(self) -> None:
+        if self.trainable not in _TRAINABLE:
+            raise InputError(
+                f"model.trainable {self.trainable!r} is not a preset; use one of "
+                + ", ".join(_TRAINABLE)
+            )
+        if self.lora_rank < 0:
+            raise InputError(f"model.lora_rank must be >= 0, got {self.lora_rank}")
+        if self.trainable == "lora" and self.lora_rank == 0 and self.init_checkpoint is None:
+            raise InputError("model.trainable 'lora' needs model.lora_rank > 0")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW and its schedule (defaults: the Slide-SAM/SSA fine-tuning recipe).
+
+    Attributes:
+        lr: peak learning rate.
+        betas, weight_decay: AdamW's (weight decay on every trained parameter).
+        batch_size: samples per step.
+        epochs: total epochs of the run.
+        warmup_epochs: linear warm-up from ``lr / warmup_steps`` to ``lr`` over this many epochs
+            (may be fractional); 0 = none.
+        cosine: cosine decay from ``lr`` to 0 over the epochs after the warm-up; else constant.
+        grad_clip: clip the gradients' global L2 norm to this; None = no clipping.
+    """
+
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.1
+    batch_size: int = 2
+    epochs: int = 100
+    warmup_epochs: float = 0.0
+    cosine: bool = False
+    grad_clip: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise InputError(f"optim.lr must be > 0, got {self.lr}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise InputError(f"optim.betas must lie in [0, 1), got {list(self.betas)}")
+        if self.weight_decay < 0:
+            raise InputError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.batch_size < 1 or self.epochs < 1:
+            raise InputError("optim.batch_size and optim.epochs must be >= 1")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise InputError(
+                f"optim.warmup_epochs must lie in [0, epochs={self.epochs}], got "
+                f"{self.warmup_epochs}"
+            )
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise InputError(f"optim.grad_clip must be > 0 or null, got {self.grad_clip}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where the run goes and how it is seeded and validated.
+
+    Attributes:
+        out_dir: run folder: ``config.yaml``, ``log.csv``, ``last.pt``, ``best.pt``.
+        seed: seeds the model's initial weights, the sampler, augmentation and prompts.
+        num_workers: DataLoader worker processes (results do not depend on it).
+        val_fraction: fraction of the *cases* of ``data.folders`` held out for validation
+            (at least one case when > 0); ignored when ``val_folders`` is given.
+        val_folders: prepared folders used for validation instead of a held-out fraction.
+        save_every: also keep ``epoch_NNNN.pt`` every this many epochs; 0 = never.
+        device: ``cpu``, ``cuda``, ``cuda:1``, ...
+    """
+
+    out_dir: str = "runs/train"
+    seed: int = 0
+    num_workers: int = 0
+    val_fraction: float = 0.1
+    val_folders: tuple[str, ...] = ()
+    save_every: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.val_fraction < 1:
+            raise InputError(f"run.val_fraction must lie in [0, 1), got {self.val_fraction}")
+        if self.num_workers < 0 or self.save_every < 0:
+            raise InputError("run.num_workers and run.save_every must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """All settings of a training run (see the module docstring for the file layout)."""
+
+    data: DataConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    prompts: PromptSimConfig = field(default_factory=PromptSimConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> TrainConfig:
+        """Build from plain data (a parsed YAML file), checking keys and types."""
+        if not isinstance(d, dict):
+            raise InputError(f"a training config must be a mapping of sections, got {_kind(d)}")
+        sections = {f.name: f for f in fields(cls)}
+        unknown = sorted(str(k) for k in d if k not in sections)
+        if unknown:
+            raise InputError(
+                f"unknown config section(s): {', '.join(unknown)}; valid: {', '.join(sections)}"
+            )
+        if "data" not in d:
+            raise InputError("the config has no 'data' section (data.folders is required)")
+        hints = get_type_hints(cls)
+        d = {name: {} if value is None else value for name, value in d.items()}
+        for name, value in d.items():  # every unknown key is reported before any value
+            if not isinstance(value, dict):
+                raise InputError(f"section '{name}' must be a mapping of keys, got {_kind(value)}")
+        problems = [p for name, value in d.items() if (p := _unknown(hints[name], value, name))]
+        if problems:
+            raise InputError("; ".join(problems))
+        return cls(**{name: _section(hints[name], value, name) for name, value in d.items()})
+
+    def to_dict(self) -> dict:
+        """Plain YAML/JSON-ready data; ``TrainConfig.from_dict`` reads it back."""
+        return _plain(asdict(self))
+
+    def replace_out_dir(self, out_dir: str | Path) -> TrainConfig:
+        from dataclasses import replace
+
+        return replace(self, run=replace(self.run, out_dir=str(out_dir)))
+
+    def save(self, path: str | Path) -> Path:
+        """Write as YAML (``yaml.safe_dump``)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return path
+
+
+def load_train_config(path: str | Path) -> TrainConfig:
+    """Read a YAML training config (``yaml.safe_load``); errors name the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise InputError(f"{path}: not valid YAML ({first})") from None
+    try:
+        return TrainConfig.from_dict(data)
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# checking plain data against the dataclasses' annotations
+
+
+def _unknown(cls: type, value: dict, name: str) -> str | None:
+    """The message naming the keys of ``value`` that ``cls`` lacks, or None."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(str(k) for k in value if k not in known)
+    if not unknown:
+        return None
+    return (
+        f"unknown key(s) in section '{name}': {', '.join(unknown)} (valid: "
+        + ", ".join(f.name for f in fields(cls))
+        + ")"
+    )
+
+
+def _section(cls: type, value: dict, name: str):
+    hints = get_type_hints(cls)
+    kwargs = {k: _coerce(v, hints[k], f"{name}.{k}") for k, v in value.items()}
+    try:
+        return cls(**kwargs)
+    except InputError as exc:
+        message = str(exc)
+        raise InputError(
+            message if message.startswith(f"{name}.") else f"{name}: {message}"
+        ) from None
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, where)
+            except InputError:
+                continue
+        raise InputError(f"{where} must be {_describe(hint)}, got {value!r}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif origin is tuple:
+        if isinstance(value, str):
+            value = [value]  # a single folder or class name
+        if isinstance(value, list | tuple):
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+            if len(value) == len(args):
+                pairs = enumerate(zip(value, args, strict=True))
+                return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in pairs)
+    elif is_dataclass(hint) or hint is typing.Any:
+        return value
+    raise InputError(f"{where} must be {_describe(hint)}, got {value!r}")
+
+
+def _describe(hint: Any) -> str:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0])}"
+        return f"a list of {len(args)} {_describe(args[0])}"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
+        hint, str(hint)
+    )
+
+
+def _kind(value: Any) -> str:
+    return "nothing" if value is None else type(value).__name__
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
