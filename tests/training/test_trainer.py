@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import shutil
 from dataclasses import replace
 
@@ -14,9 +13,8 @@ import yaml
 
 import slidesam
 from slidesam.cli.main import main
-from slidesam.core import Geometry, InputError, Volume
+from slidesam.core import InputError
 from slidesam.core.config import variant_config
-from slidesam.data.io import write_image, write_mask
 from slidesam.data.prepare import PrepareConfig, prepare_dataset
 from slidesam.inference.checkpoint import save_checkpoint
 from slidesam.modeling import build_model
@@ -36,8 +34,8 @@ from slidesam.training.trainer import (
     train,
 )
 from slidesam.training.windows import AugmentConfig, WindowDataset
+from tests.training.toy import toy_dataset
 
-SHAPE = (6, 40, 50)
 SIZE = 64
 
 
@@ -45,20 +43,7 @@ SIZE = 64
 def prepared(tmp_path_factory):
     """Prepared folder: 2 cases x (4 kidney + 2 tumor windows) = 12 samples at 64 px."""
     root = tmp_path_factory.mktemp("trainer")
-    ds = root / "Dataset900_Toy"
-    g = Geometry(shape=SHAPE, spacing=(3.0, 1.5, 1.5), origin=(0, 0, 0), direction=np.eye(3))
-    for i in range(2):
-        image = np.full(SHAPE, -1000, np.int16)
-        image[:, 5:35, 5:45] = 100 + 10 * i
-        image[:, 25:31, 30:36] = 300
-        labels = np.zeros(SHAPE, np.uint8)
-        labels[1:5, 10:16, 20:25] = 1
-        labels[2:4, 25:31, 30:36] = 2
-        write_image(Volume(image, g), ds / "imagesTr" / f"case_{i:03d}_0000.nii.gz")
-        write_mask(labels, g, ds / "labelsTr" / f"case_{i:03d}.nii.gz")
-    (ds / "dataset.json").write_text(
-        json.dumps({"labels": {"background": 0, "kidney": 1, "tumor": 2}, "file_ending": ".nii.gz"})
-    )
+    ds = toy_dataset(root)
     prepare_dataset(ds, root / "out", PrepareConfig(size=SIZE, image_format="png"), progress=False)
     return root / "out" / ds.name
 

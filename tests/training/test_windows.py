@@ -10,8 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from slidesam.core import Geometry, InputError, Volume
-from slidesam.data.io import write_image, write_mask
+from slidesam.core import InputError
 from slidesam.data.prepare import PrepareConfig, prepare_dataset
 from slidesam.training.windows import (
     AugmentConfig,
@@ -21,39 +20,16 @@ from slidesam.training.windows import (
     augment_window,
     mixed_indices,
 )
+from tests.training.toy import toy_dataset
 
-SHAPE = (6, 40, 50)  # z has the fewest voxels: axial windows, centres 1..4
 SIZE = 32
-
-
-def _raw_dataset(root, name="Dataset900_Toy", n_cases=2):
-    """Kidney (1) on slices 1..4, tumor (2) of 6 x 6 px on slices 2..3.
-
-    Windows per case: centre 1 {kidney}, 2 {kidney, tumor}, 3 {kidney, tumor}, 4 {kidney}
-    -> 6 samples per case.
-    """
-    ds = root / name
-    g = Geometry(shape=SHAPE, spacing=(3.0, 1.5, 1.5), origin=(0, 0, 0), direction=np.eye(3))
-    for i in range(n_cases):
-        image = np.full(SHAPE, -1000, np.int16)
-        image[:, 5:35, 5:45] = 100 + 10 * i
-        image[:, 25:31, 30:36] = 300
-        labels = np.zeros(SHAPE, np.uint8)
-        labels[1:5, 10:16, 20:25] = 1
-        labels[2:4, 25:31, 30:36] = 2
-        write_image(Volume(image, g), ds / "imagesTr" / f"case_{i:03d}_0000.nii.gz")
-        write_mask(labels, g, ds / "labelsTr" / f"case_{i:03d}.nii.gz")
-    (ds / "dataset.json").write_text(
-        json.dumps({"labels": {"background": 0, "kidney": 1, "tumor": 2}, "file_ending": ".nii.gz"})
-    )
-    return ds
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """(prepared folder, summary) of the toy dataset at 32 px PNG; read-only for the tests."""
     root = tmp_path_factory.mktemp("windows")
-    raw = _raw_dataset(root)
+    raw = toy_dataset(root)
     summary = prepare_dataset(
         raw, root / "out", PrepareConfig(size=SIZE, image_format="png"), progress=False
     )
@@ -217,7 +193,7 @@ def test_weighted_mix_validates(sizes, weights, match):
 
 
 def test_two_prepared_datasets_mix(tmp_path, prepared):
-    raw = _raw_dataset(tmp_path, name="Dataset901_Other", n_cases=1)
+    raw = toy_dataset(tmp_path, name="Dataset901_Other", n_cases=1)
     prepare_dataset(raw, tmp_path / "out", PrepareConfig(size=SIZE, image_format="npz"))
     ds = WindowDataset([prepared[0], tmp_path / "out" / raw.name])
     assert ds.dataset_sizes == (12, 6)
@@ -377,7 +353,7 @@ def test_resize_on_reading(prepared):
 
 
 def test_not_a_prepared_folder(tmp_path, prepared):
-    raw = _raw_dataset(tmp_path, n_cases=1)
+    raw = toy_dataset(tmp_path, n_cases=1)
     with pytest.raises(InputError, match=r"not a prepared dataset folder \(no prepare.json\)"):
         WindowDataset(raw)
     with pytest.raises(InputError, match="no such prepared dataset folder"):
