@@ -91,7 +91,7 @@ def test_single_case(tmp_path, checkpoint, capsys):
     [
         ({"slice": 8, "box": [1, 1, 5, 5]}, "slice 8 is out of range 0..7"),
         ({"slice": 2, "box": [1, 1, 60, 5]}, "outside the 48 x 40"),
-        ({"slice": 2, "box": [5, 5, 5, 9]}, "empty box"),
+        ({"slice": 2, "box": [5, 9, 8, 5]}, "empty box"),
         ({"slice": 2, "box": [1, 1, 5, 5], "colour": "red"}, "unknown key(s) colour"),
         ({"slice": 2, "points": [[3, 3]]}, "1 points but 0 point_labels"),
         ({"box_mm": [[0, 0, 0], [1, 1, 1]]}, "lies outside the image"),

@@ -199,7 +199,9 @@ def test_prompt_checks():
     with pytest.raises(InputError, match="outside"):
         seg.segment(tube(), [Prompt(slice=3, box=(0, 0, 60, 10))])
     with pytest.raises(InputError, match="empty box"):
-        seg.segment(tube(), [Prompt(slice=3, box=(5, 5, 5, 9))])
+        seg.segment(tube(), [Prompt(slice=3, box=(6, 5, 5, 9))])
+    one_pixel = seg.segment(tube(), [Prompt(slice=12, box=(25, 18, 25, 18))])  # inclusive box
+    assert one_pixel.labels[12, 18, 25] == 1
     with pytest.raises(InputError, match="no box, points or mask"):
         Prompt(slice=3)
 

@@ -68,8 +68,11 @@ class Prompt:
             raise InputError(f"{where}: slice {self.slice} is out of range 0..{n_slices - 1}")
         if self.box is not None:
             x0, y0, x1, y1 = self.box
-            if x1 <= x0 or y1 <= y0:
-                raise InputError(f"{where}: empty box {list(self.box)} (need x0 < x1 and y0 < y1)")
+            # inclusive pixel coordinates: x0 == x1 is a one-pixel-wide box, x1 < x0 is empty
+            if x1 < x0 or y1 < y0:
+                raise InputError(
+                    f"{where}: empty box {list(self.box)} (need x0 <= x1 and y0 <= y1)"
+                )
             if x0 < -0.5 or y0 < -0.5 or x1 > w - 0.5 or y1 > h - 0.5:
                 raise InputError(
                     f"{where}: box {list(self.box)} lies outside the {w} x {h} (x, y) slice"
