@@ -28,6 +28,12 @@ def checkpoint(tmp_path_factory):
     return save_checkpoint(model, model.config, tmp_path_factory.mktemp("ckpt") / "model")
 
 
+def segment(image, prompts, out, *extra) -> int:
+    """``slidesam segment --image IMAGE --prompts PROMPTS --out OUT EXTRA...``: the exit code."""
+    args = ["--image", image, "--prompts", prompts, "--out", out, *extra]
+    return main(["segment", *map(str, args)])
+
+
 def _image(path, seed=0):
     rng = np.random.default_rng(seed)
     arr = rng.integers(-150, 250, GEOM.shape).astype(np.int16)
@@ -44,26 +50,20 @@ def _prompts(path, **extra):
 def test_single_case(tmp_path, checkpoint, capsys):
     img = _image(tmp_path / "ct.nii.gz")
     out = tmp_path / "res" / "mask.nii.gz"
-    code = main(
-        [
-            "segment",
-            "--image",
-            str(img),
-            "--prompts",
-            str(_prompts(tmp_path / "p.json")),
-            "--out",
-            str(out),
-            "--checkpoint",
-            str(checkpoint),
-            "--step",
-            "1",
-            "--iou-thresh",
-            "0",
-            "--stability-thresh",
-            "0",
-            "--save-probabilities",
-            "--no-progress",
-        ]
+    code = segment(
+        img,
+        _prompts(tmp_path / "p.json"),
+        out,
+        "--checkpoint",
+        checkpoint,
+        "--step",
+        "1",
+        "--iou-thresh",
+        "0",
+        "--stability-thresh",
+        "0",
+        "--save-probabilities",
+        "--no-progress",
     )
     assert code == 0
     mask = read_label(out, reference=read_image(img))
@@ -103,19 +103,7 @@ def test_bad_prompts_one_line_exit_2_nothing_written(
     img = _image(tmp_path / "ct.nii.gz")
     (tmp_path / "p.json").write_text(json.dumps({"prompts": [prompt]}))
     out = tmp_path / "out" / "m.nii.gz"
-    code = main(
-        [
-            "segment",
-            "--image",
-            str(img),
-            "--prompts",
-            str(tmp_path / "p.json"),
-            "--out",
-            str(out),
-            "--checkpoint",
-            str(checkpoint),
-        ]
-    )
+    code = segment(str(img), str(tmp_path / "p.json"), str(out), "--checkpoint", str(checkpoint))
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("slidesam: error:")
@@ -127,18 +115,12 @@ def test_bad_prompts_one_line_exit_2_nothing_written(
 def test_checkpoint_of_another_family_is_refused(tmp_path, capsys):
     img = _image(tmp_path / "ct.nii.gz")
     torch.save({"encoder.conv.weight": torch.zeros(2)}, tmp_path / "unet.pth")
-    code = main(
-        [
-            "segment",
-            "--image",
-            str(img),
-            "--prompts",
-            str(_prompts(tmp_path / "p.json")),
-            "--out",
-            str(tmp_path / "m.nii.gz"),
-            "--checkpoint",
-            str(tmp_path / "unet.pth"),
-        ]
+    code = segment(
+        img,
+        _prompts(tmp_path / "p.json"),
+        tmp_path / "m.nii.gz",
+        "--checkpoint",
+        str(tmp_path / "unet.pth"),
     )
     assert code == 2
     assert "not a SAM-family checkpoint" in capsys.readouterr().err
@@ -228,17 +210,7 @@ def test_batch_sharding_resume_and_failures(tmp_path, checkpoint, capsys):
 
 def test_missing_default_model_is_explained(tmp_path, capsys):
     img = _image(tmp_path / "ct.nii.gz")
-    code = main(
-        [
-            "segment",
-            "--image",
-            str(img),
-            "--prompts",
-            str(_prompts(tmp_path / "p.json")),
-            "--out",
-            str(tmp_path / "m.nii.gz"),
-        ]
-    )
+    code = segment(str(img), str(_prompts(tmp_path / "p.json")), str(tmp_path / "m.nii.gz"))
     from importlib.resources import files
 
     if (files("slidesam") / "weights" / "default_slidesam.pt").is_file():
@@ -269,21 +241,15 @@ def test_dicom_in_dicom_seg_out(tmp_path, checkpoint, monkeypatch):
 
     monkeypatch.setattr(seg_api, "segment_volume", fixed)
     out = tmp_path / "m.nii.gz"
-    code = main(
-        [
-            "segment",
-            "--image",
-            str(tmp_path / "series"),
-            "--prompts",
-            str(_prompts(tmp_path / "p.json")),
-            "--out",
-            str(out),
-            "--checkpoint",
-            str(checkpoint),
-            "--dicom-seg",
-            str(tmp_path / "seg.dcm"),
-            "--no-progress",
-        ]
+    code = segment(
+        tmp_path / "series",
+        _prompts(tmp_path / "p.json"),
+        out,
+        "--checkpoint",
+        checkpoint,
+        "--dicom-seg",
+        tmp_path / "seg.dcm",
+        "--no-progress",
     )
     assert code == 0
     ct = read_image(tmp_path / "series")
@@ -295,20 +261,14 @@ def test_dicom_in_dicom_seg_out(tmp_path, checkpoint, monkeypatch):
     np.testing.assert_array_equal(back > 0, known > 0)
     # a NIfTI input cannot be referenced by a DICOM SEG: refused before anything runs
     assert (
-        main(
-            [
-                "segment",
-                "--image",
-                str(_image(tmp_path / "ct.nii.gz")),
-                "--prompts",
-                str(tmp_path / "p.json"),
-                "--out",
-                str(tmp_path / "n.nii.gz"),
-                "--checkpoint",
-                str(checkpoint),
-                "--dicom-seg",
-                str(tmp_path / "x.dcm"),
-            ]
+        segment(
+            _image(tmp_path / "ct.nii.gz"),
+            tmp_path / "p.json",
+            tmp_path / "n.nii.gz",
+            "--checkpoint",
+            checkpoint,
+            "--dicom-seg",
+            str(tmp_path / "x.dcm"),
         )
         == 2
     )
