@@ -31,7 +31,6 @@ __all__ = [
     "read_image",
     "read_label",
     "strip_suffix",
-    "to_sitk",
     "write_image",
     "write_mask",
 ]
@@ -251,11 +250,6 @@ def write_image(volume: Volume, path: str | Path) -> Path:
     path = _prepare_out(path)
     sitk.WriteImage(_to_sitk(volume.array, volume.geometry), str(path), useCompression=True)
     return path
-
-
-def to_sitk(volume: Volume) -> sitk.Image:
-    """The volume as a SimpleITK image (for resampling and registration in adapters)."""
-    return _to_sitk(volume.array, volume.geometry)
 
 
 def from_sitk(img: sitk.Image, source: str = "") -> Volume:

@@ -48,6 +48,7 @@ from slidesam.data.preprocess import (
     scale_window,
     slice_window,
     to_uint8,
+    window_centres,
 )
 
 __all__ = ["PrepareConfig", "Target", "find_cases", "prepare_dataset", "read_targets"]
@@ -224,7 +225,7 @@ def prepare_case(case: Case, out_dir: Path, targets: list[Target], config: Prepa
     discarded = dict.fromkeys((t.name for t in targets), 0)
     windows = empty = 0
     for axis in choose_slicing_axes(image.shape, config.axes):
-        for centre in range(1, image.shape[axis] - 1):
+        for centre in window_centres(image.shape[axis]):
             chosen = []
             for k, (target, mask) in enumerate(zip(targets, target_masks, strict=True)):
                 stack = slice_window(mask, axis, centre)
