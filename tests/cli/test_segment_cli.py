@@ -208,16 +208,15 @@ def test_batch_sharding_resume_and_failures(tmp_path, checkpoint, capsys):
     assert "have no prompts file" in capsys.readouterr().err
 
 
-def test_missing_default_model_is_explained(tmp_path, capsys):
+def test_default_model_runs_without_checkpoint_and_a_missing_one_is_explained(
+    tmp_path, capsys, monkeypatch
+):
     img = _image(tmp_path / "ct.nii.gz")
-    code = segment(str(img), str(_prompts(tmp_path / "p.json")), str(tmp_path / "m.nii.gz"))
-    from importlib.resources import files
-
-    if (files("slidesam") / "weights" / "default_slidesam.pt").is_file():
-        assert code == 0
-    else:
-        assert code == 2
-        assert "no embedded default model" in capsys.readouterr().err
+    prompts = str(_prompts(tmp_path / "p.json"))
+    assert segment(str(img), prompts, str(tmp_path / "m.nii.gz")) == 0  # the embedded model
+    monkeypatch.setattr("slidesam.inference.models.DEFAULT_MODEL_FILE", "absent.pt")
+    assert segment(str(img), prompts, str(tmp_path / "m2.nii.gz")) == 2
+    assert "no embedded default model" in capsys.readouterr().err
 
 
 def test_dicom_in_dicom_seg_out(tmp_path, checkpoint, monkeypatch):

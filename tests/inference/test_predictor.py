@@ -10,6 +10,7 @@ from PIL import Image
 import slidesam
 from slidesam.core import Geometry, InputError, Volume
 from slidesam.data.io import write_image, write_mask
+from slidesam.data.roi import Roi
 from slidesam.data.prepare import PrepareConfig, prepare_dataset
 from slidesam.inference.predictor import stability_score
 
@@ -170,3 +171,38 @@ def test_per_slice_baseline_runs_a_plain_sam(volume):
     assert batches == [2, 1]  # the independent windows are encoded in batches
     assert not result.labels[[0, 4, 5]].any()  # only the prompted slices can be labelled
     assert {r.slice for r in result.records} == {1, 2, 3}
+
+
+def test_zoomed_model_crops_around_each_prompt_and_pastes_back(volume):
+    torch.manual_seed(0)
+    zoomed = slidesam.build_slidesam("tiny_64", lora_rank=0, roi_context=2.0)
+    predictor = slidesam.SlideSAMPredictor(zoomed)
+    assert predictor.roi_context == 2.0
+    predictor.set_volume(volume)
+    box = [20, 10, 29, 19]  # 10 x 10 px -> a 20 px crop centred on (25, 15)
+    out = predictor.predict(2, boxes=box)
+    assert out.rois == (Roi(cx=25.0, cy=15.0, side=20.0),)
+    # the model saw the crop: the box fills the middle half of its input
+    img = predictor.window_image(2, out.rois[0])
+    assert img.shape == (64, 64, 3) and img.dtype == np.float32
+    # outside the crop (beyond a pixel of interpolation) everything is background
+    assert out.logits.shape == (1, 3, 3, 48, 64)
+    assert np.all(out.logits[..., :, 37:] == -20.0) and np.all(out.logits[..., 27:, :] == -20.0)
+    assert predictor.encoder_passes == 1
+    predictor.predict(2, boxes=box)  # same crop: cached
+    assert predictor.encoder_passes == 1
+    two = predictor.predict(2, boxes=[box, [0, 0, 47, 39]])  # one crop each
+    assert predictor.encoder_passes == 2 and len(two.rois) == 2
+    assert two.logits.shape == (2, 3, 3, 48, 64)
+    np.testing.assert_allclose(two.logits[0], out.logits[0], atol=1e-5)
+    # points or a mask prompt also say where to look; nothing at all is refused
+    assert predictor.predict(2, points=[[25, 15]], point_labels=[1]).rois[0].cx == 25.5
+    with pytest.raises(InputError, match="needs a box"):
+        predictor.predict(2, points=[[25, 15]], point_labels=[0])
+
+
+def test_roi_context_zero_overrides_a_zoomed_model(volume):
+    zoomed = slidesam.build_slidesam("tiny_64", lora_rank=0, roi_context=2.0)
+    predictor = slidesam.SlideSAMPredictor(zoomed, roi_context=0)
+    predictor.set_volume(volume)
+    assert predictor.predict(2, boxes=[20, 10, 29, 19]).rois is None

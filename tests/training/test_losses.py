@@ -192,10 +192,17 @@ def test_only_the_best_candidates_iou_term_counts():
     logits, target = _iou_case()
     # candidate 0: the IoU case (true IoU 3/8); candidate 1: all wrong, far worse segmentation
     logits = torch.cat([logits, -logits], dim=1)
-    iou_pred = torch.tensor([[0.875, 0.0]])  # candidate 1 (true IoU 0) would have error 0
+    iou_pred = torch.tensor([[0.875, 0.0]])  # candidate 1 is far off too, but not the best
     out = slidesam_loss(logits, target, torch.ones(1, 3), iou_pred)
     assert out.best.item() == 0
     assert out.iou.item() == pytest.approx(0.25)
+    # SAM's way: every candidate against its own true IoU (0.3 for candidate 1), averaged
+    every = slidesam_loss(
+        logits, target, torch.ones(1, 3), iou_pred, LossConfig(iou_candidates="all")
+    )
+    assert out.true_iou[0, 1].item() == pytest.approx(0.3)
+    assert every.iou.item() == pytest.approx((0.25 + 0.3**2) / 2)
+    assert every.seg.item() == pytest.approx(out.seg.item())
 
 
 # --- weights ------------------------------------------------------------------------------------

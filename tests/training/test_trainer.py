@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import logging
+import math
 import shutil
 from dataclasses import replace
 
@@ -30,7 +32,10 @@ from slidesam.training.trainer import (
     LOG_COLUMNS,
     batch_loss,
     build_training_model,
+    find_val_volumes,
+    log_columns,
     lr_factor,
+    propagation_dice,
     train,
 )
 from slidesam.training.windows import AugmentConfig, WindowDataset
@@ -111,6 +116,8 @@ def test_train_writes_log_checkpoints_and_config(prepared, tmp_path):
     assert torch.equal(a[1], b[1])
     assert (run / "best.pt").is_file()
     assert (run / "last.config.json").is_file()
+    assert config.run.tensorboard is False
+    assert not (run / "tensorboard").exists()  # TensorBoard is off by default
     start = _weights(run / "last.pt")
     fresh = build_training_model(config).state_dict()
     assert not torch.equal(
@@ -220,3 +227,188 @@ def test_cli_train_and_errors(prepared, tmp_path, capsys):
     assert "val_fractoin" in err
     assert "'run'" in err
     assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "message"),
+    [
+        ("optim", {"amp": "fp8"}, r"optim\.amp must be one of none, bf16, fp16, got 'fp8'"),
+        ("optim", {"amp": "bf16"}, r"optim\.amp 'bf16' needs a CUDA device, but run\.device"),
+        ("model", {"grad_checkpointing": "yes"}, r"model\.grad_checkpointing must be true/false"),
+        ("run", {"tensorboard": 1}, r"run\.tensorboard must be true/false, got 1"),
+        ("run", {"tensorbord": True}, r"unknown key\(s\) in section 'run': tensorbord"),
+        ("run", {"select_by": "loss"}, r"run\.select_by must be one of window_dice, dice3d"),
+        ("run", {"select_by": "dice3d"}, r"'dice3d' needs run\.val_volumes"),
+        ("run", {"val_volumes_every": 0}, r"run\.val_volumes_every and run\.val_volumes_max"),
+        ("run", {"val_volumes": [["a.nii.gz", "b", "c"]]}, r"run\.val_volumes\[0\] must be"),
+    ],
+)
+def test_new_config_keys_refuse_bad_values_by_name(tmp_path, section, values, message):
+    with pytest.raises(InputError, match=message):
+        load_train_config(_yaml(tmp_path, {"data": {"folders": ["a"]}, section: values}))
+
+
+def test_new_config_keys_read_and_round_trip(tmp_path):
+    default = TrainConfig(data=DataConfig(folders=("a",)))
+    assert (default.optim.amp, default.model.grad_checkpointing, default.run.tensorboard) == (
+        "none",
+        False,
+        False,
+    )
+    assert (default.run.val_volumes, default.run.select_by) == ((), "window_dice")
+    cfg = load_train_config(
+        _yaml(
+            tmp_path,
+            {
+                "data": {"folders": ["a"]},
+                "model": {"grad_checkpointing": True},
+                "optim": {"amp": "bf16"},
+                "run": {
+                    "device": "cuda",
+                    "tensorboard": True,
+                    "val_volumes": [["img.nii.gz", "lab.nii.gz"], "Dataset001"],
+                    "val_volumes_every": 5,
+                    "val_volumes_max": 2,
+                    "select_by": "dice3d",
+                },
+            },
+        )
+    )
+    assert cfg.run.val_volumes == (("img.nii.gz", "lab.nii.gz"), "Dataset001")
+    assert (cfg.optim.amp, cfg.model.grad_checkpointing, cfg.run.select_by) == (
+        "bf16",
+        True,
+        "dice3d",
+    )
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    one = load_train_config(
+        _yaml(tmp_path, {"data": {"folders": ["a"]}, "run": {"val_volumes": "Dataset001"}})
+    )
+    assert one.run.val_volumes == ("Dataset001",)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    config = TrainConfig(
+        data=DataConfig(folders=("unused",)),
+        model=ModelConfig(variant="tiny", lora_rank=0, trainable="full"),
+    )
+    model = build_training_model(config)
+    size = model.image_size
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(1, 3, size, size, generator=g) * 255
+    masks = torch.zeros(1, 3, size, size)
+    masks[0, :, 60:140, 80:150] = 1
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        saved = []  # elements kept for the backward pass during the forward
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t.numel()) or t, lambda t: t
+        ):
+            out = batch_loss(model, images, masks, torch.ones(1, 3), np.random.default_rng(1))
+        out.total.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out.total.item(), grads, sum(saved)
+
+    plain_loss, plain, plain_saved = loss_and_grads()
+    model.image_encoder.grad_checkpointing = True
+    ckpt_loss, ckpt, ckpt_saved = loss_and_grads()
+    assert ckpt_saved < 0.5 * plain_saved  # the blocks' activations were not kept
+    assert ckpt_loss == pytest.approx(plain_loss, abs=1e-5)
+    assert plain.keys() == ckpt.keys()
+    assert any(k.startswith("image_encoder.blocks.0.") for k in plain)
+    for k in plain:
+        torch.testing.assert_close(ckpt[k], plain[k], atol=1e-5, rtol=1e-5, msg=k)
+
+
+def test_3d_dice_validation_is_logged_and_selects_best(prepared, tmp_path, caplog):
+    raw = prepared.parent.parent / "Dataset900_Toy"
+    config = _config(prepared, tmp_path / "run")
+    config = replace(
+        config,
+        run=replace(
+            config.run,
+            val_volumes=(str(raw),),
+            val_volumes_every=2,
+            val_volumes_max=1,
+            select_by="dice3d",
+            tensorboard=True,
+        ),
+    )
+    with caplog.at_level(logging.WARNING):
+        result = train(config, stop_after=1, progress=False)
+        # before its first measurement best.pt is the latest model
+        assert (tmp_path / "run" / "best.pt").is_file()
+        result = train(config, resume=True, progress=False)
+    with (tmp_path / "run" / "log.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == log_columns(["kidney", "tumor"])
+    assert log_columns(["kidney", "tumor"])[4:7] == (
+        "val_dice3d",
+        "val_dice3d_kidney",
+        "val_dice3d_tumor",
+    )
+    assert rows[0]["val_dice3d_kidney"] == ""  # every 2 epochs: not measured after epoch 1
+    kidney, tumor = float(rows[1]["val_dice3d_kidney"]), float(rows[1]["val_dice3d_tumor"])
+    assert 0.0 <= kidney <= 1.0
+    assert 0.0 <= tumor <= 1.0
+    assert float(rows[1]["val_dice3d"]) == pytest.approx((kidney + tumor) / 2, abs=1e-6)
+    assert result["best_metric"] == pytest.approx(float(rows[1]["val_dice3d"]), abs=1e-6)
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)["training"]
+    assert best["epoch"] == 2
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        warned = [r for r in caplog.records if "tensorboard package is not installed" in r.message]
+        assert len(warned) == 2  # one line per train() call
+    else:
+        assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_val_volumes_are_found_and_checked(prepared, tmp_path):
+    raw = prepared.parent.parent / "Dataset900_Toy"
+    classes = {"kidney": (1,), "tumor": (2,), "cyst": (3,)}
+    found = find_val_volumes([str(raw)], classes)
+    assert [v.case for v in found] == ["case_000", "case_001"]
+    assert found[0].targets == (("kidney", (1,)), ("tumor", (2,)))  # no cyst in dataset.json
+    image, label = found[1].image, found[1].label
+    pair = find_val_volumes([str(raw), (str(image), str(label))], classes, limit=3)
+    assert [v.case for v in pair] == ["case_000", "case_001", image.name]
+    assert pair[2].targets == tuple(classes.items())
+    assert len(find_val_volumes([str(raw)], classes, limit=1)) == 1
+    with pytest.raises(InputError, match=r"run\.val_volumes .*missing: no such folder"):
+        find_val_volumes([str(tmp_path / "missing")], classes)
+    with pytest.raises(InputError, match=r"run\.val_volumes: .*nope\.nii\.gz: no such file"):
+        find_val_volumes([(str(image), str(tmp_path / "nope.nii.gz"))], classes)
+    with pytest.raises(InputError, match="none of the trained classes"):
+        find_val_volumes([str(raw)], {"liver": (5,)})
+
+
+def test_propagation_dice_scores_present_classes_only(prepared):
+    from slidesam.data.io import read_image, read_label
+
+    raw = prepared.parent.parent / "Dataset900_Toy"
+    image = read_image(raw / "imagesTr" / "case_000_0000.nii.gz")
+    labels = read_label(raw / "labelsTr" / "case_000.nii.gz", reference=image).array
+    model = build_training_model(_config(prepared, "unused"))
+    dice = propagation_dice(
+        model, image, labels, [("kidney", (1,)), ("cyst", (3,)), ("both", (1, 2))], axis=0
+    )
+    assert set(dice) == {"kidney", "both"}
+    assert all(0.0 <= d <= 1.0 for d in dice.values())
+    assert model.training  # put back in train mode
+
+
+def test_fp16_amp_path_with_loss_scale_runs_and_resumes(prepared, tmp_path):
+    """The CUDA-only ``optim.amp: fp16`` code (autocast + GradScaler, its state in last.pt),
+    run on CPU, where torch supports both, by setting the field past the config's check."""
+    config = _config(prepared, tmp_path / "run")
+    object.__setattr__(config.optim, "amp", "fp16")
+    first = train(config, stop_after=1, progress=False)
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["training"]
+    assert state["scaler"]["scale"] > 0
+    assert state["scaler"]["_growth_tracker"] == first["steps"] == 3  # no step skipped
+    result = train(config, resume=True, progress=False)
+    assert result["steps"] == 6
+    assert math.isfinite(result["train_loss"])
+    assert 0.0 <= result["val_dice"] <= 1.0

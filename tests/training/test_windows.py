@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from slidesam.core import InputError
+from slidesam.core import Geometry, InputError, Volume
+from slidesam.data.io import write_image, write_mask
 from slidesam.data.prepare import PrepareConfig, prepare_dataset
 from slidesam.training.windows import (
     AugmentConfig,
@@ -402,3 +403,60 @@ def test_no_samples(prepared_copy):
 def test_augment_config_validates(kwargs, match):
     with pytest.raises(InputError, match=match):
         AugmentConfig(**kwargs)
+
+
+def test_zoomed_model_samples_are_crops_around_the_target(prepared):
+    plain = WindowDataset(prepared[0], augment=AugmentConfig.none())
+    zoomed = WindowDataset(prepared[0], augment=AugmentConfig.none(), roi_context=2.0)
+    jittered = WindowDataset(prepared[0], augment=AugmentConfig(), roi_context=2.0)
+    tumour = next(i for i in range(len(plain)) if plain[i].class_name == "tumor")
+    before, after = plain[tumour], zoomed[tumour]
+    rows, cols = np.nonzero(before.mask[1].numpy())
+    side_before = max(np.ptp(rows), np.ptp(cols)) + 1
+    rows, cols = np.nonzero(after.mask[1].numpy())
+    # the target's longer side fills half the crop, centred
+    assert max(np.ptp(rows), np.ptp(cols)) + 1 == pytest.approx(SIZE / 2, abs=1)
+    assert (rows.min() + rows.max() + 1) / 2 == pytest.approx(SIZE / 2, abs=1)
+    assert side_before < SIZE / 2
+    assert set(torch.unique(after.mask).tolist()) == {0.0, 1.0}
+    assert not torch.equal(jittered[tumour].image, after.image)  # roi_scale / roi_shift
+    with pytest.raises(InputError, match="roi_context"):
+        WindowDataset(prepared[0], roi_context=0.5)
+
+
+def test_negative_samples_come_from_slices_without_the_target(tmp_path):
+    """Kidney on slices 1..8 of 10, tumour on 2..3: a tumour sample's negatives are the windows
+    at 5 or 6 (all three slices tumour-free, within 3 slices); kidney has none."""
+    g = Geometry(shape=(10, 40, 50), spacing=(3.0, 1.5, 1.5))
+    image = np.full(g.shape, -1000, np.int16)
+    image[:, 5:35, 5:45] = 100
+    image += np.arange(10, dtype=np.int16)[:, None, None] * 20  # tell the slices apart
+    labels = np.zeros(g.shape, np.uint8)
+    labels[1:9, 10:16, 20:25] = 1
+    labels[2:4, 25:31, 30:36] = 2
+    raw = tmp_path / "Dataset901_Neg"
+    write_image(Volume(image, g), raw / "imagesTr" / "c_0000.nii.gz")
+    write_mask(labels, g, raw / "labelsTr" / "c.nii.gz")
+    (raw / "dataset.json").write_text(
+        json.dumps({"labels": {"background": 0, "kidney": 1, "tumor": 2}})
+    )
+    prepare_dataset(
+        raw, tmp_path / "out", PrepareConfig(size=SIZE, image_format="png"), progress=False
+    )
+    folder = tmp_path / "out" / raw.name
+    plain = WindowDataset(folder, augment=AugmentConfig.none())
+    neg = WindowDataset(folder, augment=replace(AugmentConfig.none(), negative_p=1.0))
+    by_slice = {
+        s.slice_index: s for s in (plain[i] for i in range(len(plain))) if s.class_name == "kidney"
+    }
+    for i in range(len(plain)):
+        a, b = plain[i], neg[i]
+        if a.class_name == "kidney":  # no kidney-free window nearby: stays positive
+            assert torch.equal(a.mask, b.mask)
+            continue
+        assert b.slice_index in (5, 6)
+        assert torch.equal(b.image, by_slice[b.slice_index].image)
+        assert not b.mask.any()
+        assert b.indicator.tolist() == [1.0, 1.0, 1.0]
+        assert torch.equal(b.prompt_mask, a.mask[1])  # the prompt still points at the tumour
+        assert b.prompt_mask.any()

@@ -12,7 +12,17 @@ from slidesam import __version__
 from slidesam.core import InputError
 
 # subcommand modules, each with ``register(subparsers)`` that sets ``func=run(args) -> int``
-_COMMANDS = ("phantom", "prepare", "segment", "evaluate", "train")
+_COMMANDS = (
+    "demo",
+    "ssa",
+    "phantom",
+    "prepare",
+    "segment",
+    "evaluate",
+    "train",
+    "pseudo_label",
+    "nnunet_export",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,6 +35,10 @@ class SamConfig:
         lora_rank: rank of the LoRA update on q and v of every encoder block (0 = none).
         lora_scale: factor on the LoRA update (the Slide-SAM reference wrapper uses 1).
         pixel_mean, pixel_std: input normalisation on 0..255 RGB (SAM's ImageNet values).
+        roi_context: what the model sees. 0 = the whole slice (SAM, Slide-SAM). ``c > 0`` = a
+            square crop around the prompt box, ``c`` times its longer side, resized to
+            ``image_size`` (``slidesam.data.roi``): a property of how the model was trained,
+            so it is saved with it and the predictor follows it.
     """
 
     variant: str = "vit_b"
@@ -57,6 +61,7 @@ class SamConfig:
     lora_scale: float = 1.0
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    roi_context: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -83,6 +88,11 @@ class SamConfig:
             raise InputError(f"num_slices must be 1 (SAM) or 3 (Slide-SAM), got {self.num_slices}")
         if self.lora_rank < 0:
             raise InputError(f"lora_rank must be >= 0, got {self.lora_rank}")
+        if not (self.roi_context == 0 or 1 <= self.roi_context <= 20):
+            raise InputError(
+                f"roi_context must be 0 (whole slice) or lie in [1, 20], got {self.roi_context}"
+            )
+        object.__setattr__(self, "roi_context", float(self.roi_context))
         if self.mask_in_chans % 4:
             raise InputError(f"mask_in_chans must be a multiple of 4, got {self.mask_in_chans}")
 

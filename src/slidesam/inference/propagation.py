@@ -272,7 +272,8 @@ class VolumeSegmenter:
 
     def _prefetch(self, centers: list[int]) -> None:
         fetch = getattr(self.predictor, "embeddings", None)
-        if fetch is not None:
+        # a zoomed model (roi_context > 0) encodes one crop per prompt, not whole windows
+        if fetch is not None and not getattr(self.predictor, "roi_context", 0):
             fetch(centers)
 
     def _predict(self, label: int, center: int, prompt: dict, accept_always: bool = False):

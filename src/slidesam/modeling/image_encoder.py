@@ -4,6 +4,10 @@ Names follow the official ``segment_anything/modeling/image_encoder.py``. Attent
 ``F.scaled_dot_product_attention`` with the relative-position bias passed as an additive mask,
 which is the same computation as SAM's explicit ``softmax(q k^T * scale + bias) v``.
 Input (B, 3, S, S) normalised image -> output (B, out_chans, S/16, S/16).
+
+``grad_checkpointing`` (an attribute, not a weight: checkpoints do not store it) recomputes
+each block's activations in the backward pass instead of keeping them
+(``torch.utils.checkpoint``, non-reentrant): the same numbers, less memory, more time.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from slidesam.modeling.common import LayerNorm2d, MLPBlock, linear
 from slidesam.modeling.lora import LoRAQKV
@@ -35,9 +40,12 @@ class ImageEncoderViT(nn.Module):
         global_attn_indexes: tuple[int, ...] = (),
         lora_rank: int = 0,
         lora_scale: float = 1.0,
+        grad_checkpointing: bool = False,
     ):
         super().__init__()
         self.img_size = img_size
+        #: recompute block activations in backward (saves memory when training the encoder)
+        self.grad_checkpointing = grad_checkpointing
         grid = img_size // patch_size
         self.patch_embed = PatchEmbed(patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, embed_dim))
@@ -63,8 +71,9 @@ class ImageEncoderViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x) + self.pos_embed
+        remat = self.grad_checkpointing and torch.is_grad_enabled()
         for blk in self.blocks:
-            x = blk(x)
+            x = checkpoint(blk, x, use_reentrant=False) if remat else blk(x)
         return self.neck(x.permute(0, 3, 1, 2))
 
 

@@ -18,6 +18,7 @@ Definition, for sample b, candidate j and slice s (I = indicator)::
     iou_true[b,j] = |P ∩ G| / |P ∪ G| over the labelled slices, P = logits > 0 (detached;
                     1 when P ∪ G is empty there)
     iou[b]        = (iou_pred[b, k_b] - iou_true[b, k_b])^2 if all I[b, :] == 1, else 0
+                    (``iou_candidates="all"``: the mean over j of the squared errors)
     total         = mean_b (seg[b, k_b] + iou_weight * iou[b])
 
 - CE is binary cross-entropy with logits (``torch.nn.functional.binary_cross_entropy_with_logits``)
@@ -64,6 +65,12 @@ class LossConfig:
         focal_alpha: alpha of the alpha-balanced focal loss (foreground weight, background
             gets ``1 - alpha``), in [0, 1]; None = no balancing.
         iou_weight: weight of the IoU-prediction MSE term.
+        iou_candidates: which candidates' IoU predictions are trained: ``best`` (the paper's
+            text: only the best candidate's) or ``all`` (SAM's: every candidate against its own
+            true IoU). With ``best``, a candidate that never wins on positives is never told it
+            is wrong there; once negative samples (empty targets) exist, one candidate learns
+            to answer "empty" with IoU 1 and wins every selection by predicted IoU, so a model
+            trained with negatives needs ``all``.
     """
 
     lambda_ce: float = 20.0
@@ -72,8 +79,13 @@ class LossConfig:
     focal_gamma: float = 2.0
     focal_alpha: float | None = None
     iou_weight: float = 1.0
+    iou_candidates: str = "best"
 
     def __post_init__(self) -> None:
+        if self.iou_candidates not in ("best", "all"):
+            raise InputError(
+                f"LossConfig.iou_candidates must be 'best' or 'all', got {self.iou_candidates!r}"
+            )
         for name in ("lambda_ce", "lambda_dice", "focal_gamma", "iou_weight"):
             value = getattr(self, name)
             if not value >= 0:
@@ -91,8 +103,9 @@ class LossOutput:
     Attributes:
         total: scalar, the loss to back-propagate.
         seg: (B,) segmentation loss of each sample's best candidate.
-        iou: (B,) IoU-prediction squared error of the best candidate (0 for 2D-labelled samples),
-            before ``iou_weight``.
+        iou: (B,) IoU-prediction squared error of the best candidate, or the mean over all
+            candidates (``iou_candidates="all"``); 0 for 2D-labelled samples; before
+            ``iou_weight``.
         best: (B,) int64 index of the best candidate (lowest segmentation loss).
         per_candidate: (B, K) segmentation loss of every candidate (the ranking criterion).
         true_iou: (B, K) detached IoU of every binarised candidate over the labelled slices.
@@ -146,7 +159,11 @@ def slidesam_loss(
     seg = per_candidate.gather(1, best[:, None]).squeeze(1)
 
     true_iou = mask_iou(logits.detach() > 0, target > 0.5, labelled).to(iou_pred.dtype)
-    sq_err = (iou_pred - true_iou).pow(2).gather(1, best[:, None]).squeeze(1)
+    sq_err = (iou_pred - true_iou).pow(2)
+    if config.iou_candidates == "all":
+        sq_err = sq_err.mean(dim=1)
+    else:
+        sq_err = sq_err.gather(1, best[:, None]).squeeze(1)
     is_3d = labelled.all(dim=1)
     iou = torch.where(is_3d, sq_err, torch.zeros_like(sq_err))
 

@@ -33,7 +33,7 @@ import math
 import operator
 import zipfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -44,6 +44,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from slidesam.core import InputError
+from slidesam.data.roi import Roi, crop, roi_for_box
 
 __all__ = [
     "AugmentConfig",
@@ -75,6 +76,9 @@ class WindowSample(NamedTuple):
         slice_index: index of the centre slice along ``axis``.
         label: target index in the dataset's ``prepare.json`` targets.
         class_name: target name (from ``dataset.json``).
+        prompt_mask: float32 (S, S), 0/1, what the prompt is simulated from: the target's
+            centre slice, or for a *negative* sample (``AugmentConfig.negative_p``) the
+            target's mask on a nearby slice, where ``mask`` is empty.
     """
 
     image: torch.Tensor
@@ -86,6 +90,7 @@ class WindowSample(NamedTuple):
     slice_index: int
     label: int
     class_name: str
+    prompt_mask: torch.Tensor
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,6 +134,20 @@ class AugmentConfig:
             ``clip((image - mean) * contrast + mean + shift, 0, 255)``, mean over the window.
         contrast: range of the contrast factor (> 0).
         shift: range of the additive shift, in the 0..255 units of the image.
+        roi_scale: for zoomed models (``roi_context > 0``, see ``slidesam.data.roi``): range of a
+            factor on the crop side around the target's centre-slice box, so the model learns
+            crops that are looser or tighter than the nominal one (at inference the box comes
+            from a neighbouring slice or another phase).
+        roi_shift: largest shift of that crop's centre, as a fraction of its side (uniform in
+            ``[-roi_shift, roi_shift]`` per axis).
+        negative_p: probability that a sample becomes a *negative*: a window 1 to
+            ``negative_distance`` slices away (same case and axis) none of whose three slices
+            keeps the target, prompted with the target's box from the original slice; its
+            target is empty on all three slices (indicator ``[1, 1, 1]``, so the IoU head
+            learns that an empty mask is right there). This teaches the model to answer
+            "nothing here" when propagation walks past an object's end; negatives get no
+            spatial augmentation. When no such window exists the sample stays positive.
+        negative_distance: farthest such neighbour, in slices.
 
     Geometry is resampled once per sample (crop and affine composed): bilinear for the image,
     nearest for the mask, zeros outside the image. If the spatial steps would leave a mask
@@ -146,9 +165,18 @@ class AugmentConfig:
     intensity_p: float = 0.5
     contrast: tuple[float, float] = (0.9, 1.1)
     shift: tuple[float, float] = (-10.0, 10.0)
+    roi_scale: tuple[float, float] = (0.8, 1.25)
+    roi_shift: float = 0.1
+    negative_p: float = 0.0
+    negative_distance: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("crop_p", "crop_positive", "affine_p", "intensity_p"):
+        if not isinstance(self.negative_distance, int) or self.negative_distance < 1:
+            raise InputError(
+                f"AugmentConfig.negative_distance must be an integer >= 1, "
+                f"got {self.negative_distance!r}"
+            )
+        for name in ("crop_p", "crop_positive", "affine_p", "intensity_p", "negative_p"):
             p = getattr(self, name)
             if not isinstance(p, int | float) or not 0.0 <= p <= 1.0:
                 raise InputError(f"AugmentConfig.{name} must be a probability in [0, 1], got {p!r}")
@@ -160,7 +188,13 @@ class AugmentConfig:
             "shear": (-80.0, 80.0),
             "contrast": (0.0, None),
             "shift": (-255.0, 255.0),
+            "roi_scale": (0.1, 10.0),
         }
+        if not isinstance(self.roi_shift, int | float) or not 0.0 <= self.roi_shift <= 0.5:
+            raise InputError(
+                f"AugmentConfig.roi_shift must lie in [0, 0.5], got {self.roi_shift!r}"
+            )
+        object.__setattr__(self, "roi_shift", float(self.roi_shift))
         for name, (low, high) in ranges.items():
             object.__setattr__(self, name, _pair(getattr(self, name), name, low=low, high=high))
 
@@ -178,12 +212,15 @@ class AugmentConfig:
             intensity_p=0.0,
             contrast=(1.0, 1.0),
             shift=(0.0, 0.0),
+            roi_scale=(1.0, 1.0),
+            roi_shift=0.0,
+            negative_p=0.0,
         )
 
     @property
     def enabled(self) -> bool:
         """True if any step can happen."""
-        return self.crop_p > 0 or self.affine_p > 0 or self.intensity_p > 0
+        return self.crop_p > 0 or self.affine_p > 0 or self.intensity_p > 0 or self.negative_p > 0
 
     def to_dict(self) -> dict:
         """Plain JSON-ready dict (to save next to a checkpoint); ``AugmentConfig(**d)`` reads it."""
@@ -296,6 +333,14 @@ def augment_window(
     if out_mask is mask:
         out_mask = mask.clone()
     return out_image, out_mask
+
+
+def _intensity_only(config: AugmentConfig) -> AugmentConfig:
+    """The intensity step of ``config`` alone (for samples that skip spatial augmentation)."""
+    return replace(
+        AugmentConfig.none(),
+        **{k: getattr(config, k) for k in ("intensity_p", "contrast", "shift")},
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,6 +470,10 @@ class WindowDataset(Dataset):
             ``np.random.default_rng((seed, epoch, index))``.
         size: output side S; None = the prepared size, which must then be the same in every
             folder. Another size resizes on reading (image bilinear, mask nearest).
+        roi_context: 0 = whole windows (SAM, Slide-SAM); ``c > 0`` = for a zoomed model
+            (``SamConfig.roi_context``), the square crop around the target's centre-slice box
+            that the model sees at inference (``slidesam.data.roi``), jittered by the
+            augmentation's ``roi_scale`` / ``roi_shift``, resized to S; before augmentation.
 
     Raises:
         InputError: a folder that is not a prepared dataset, an unknown class name, an
@@ -440,7 +489,11 @@ class WindowDataset(Dataset):
         augment: AugmentConfig | None = None,
         seed: int = 0,
         size: int | None = None,
+        roi_context: float = 0.0,
     ) -> None:
+        if not (roi_context == 0 or roi_context >= 1):
+            raise InputError(f"roi_context must be 0 or >= 1, got {roi_context!r}")
+        self.roi_context = float(roi_context)
         if isinstance(folders, str | Path):
             folders = [folders]
         self.folders: tuple[Path, ...] = tuple(Path(f) for f in folders)
@@ -513,6 +566,9 @@ class WindowDataset(Dataset):
                 "(meta/CASE.done.json) with a kept target; run or finish `slidesam prepare`"
             )
         self._windows = windows
+        self._by_slice = {
+            (w.dataset, w.case, w.axis, w.slice_index): i for i, w in enumerate(windows)
+        }
         self._window_ids = np.asarray(window_ids, dtype=np.int64)
         self._positions = np.asarray(positions, dtype=np.int32)
         self.dataset_sizes: tuple[int, ...] = tuple(dataset_sizes)
@@ -554,39 +610,109 @@ class WindowDataset(Dataset):
         w = self._windows[int(self._window_ids[index])]
         position = int(self._positions[index])
         image, mask = self._load(w, position)
-        if self.augment is not None and self.augment.enabled:
-            image, mask = augment_window(
-                image, mask, self.augment, rng if rng is not None else self.rng_for(index)
-            )
+        rng = rng if rng is not None else self.rng_for(index)
+        aug = self.augment if self.augment is not None else AugmentConfig.none()
+        indicator = torch.tensor(w.indicator, dtype=torch.float32)
+        negative = self._negative(w, position, aug, rng)
+        if negative is not None:
+            prompt_mask = mask[1].clone()
+            image = self._load_image(negative)
+            mask = torch.zeros_like(mask)
+            indicator = torch.ones(3)
+            if self.roi_context > 0:  # the crop around the prompt (channel 1 gives the box)
+                image, both = self._roi_crop(image, torch.stack([mask[1], prompt_mask]), rng)
+                prompt_mask = both[1]
+            if aug.intensity_p > 0:
+                image, _ = augment_window(image, mask, _intensity_only(aug), rng)
+        else:
+            if self.roi_context > 0:
+                image, mask = self._roi_crop(image, mask, rng)
+            if aug.enabled:
+                image, mask = augment_window(image, mask, aug, rng)
+            prompt_mask = mask[1].clone()
         return WindowSample(
             image=image,
             mask=mask,
-            indicator=torch.tensor(w.indicator, dtype=torch.float32),
+            indicator=indicator,
             dataset=self.names[w.dataset],
-            case=w.case,
+            case=w.case if negative is None else negative.case,
             axis=w.axis,
-            slice_index=w.slice_index,
+            slice_index=w.slice_index if negative is None else negative.slice_index,
             label=w.labels[position],
             class_name=w.class_names[position],
+            prompt_mask=prompt_mask,
         )
 
-    def _load(self, w: _Window, position: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 image (3, S, S) 0..255 and mask (3, S, S) 0/1 of one target of a window."""
-        folder = self.folders[w.dataset]
+    def _negative(self, w: _Window, position: int, aug, rng) -> _Window | None:
+        """A window near ``w`` whose three slices all lack its target (none of them keeps it:
+        a window without records keeps no target at all), if this sample is a negative."""
+        if aug.negative_p == 0 or rng.random() >= aug.negative_p:
+            return None
+        label = w.labels[position]
+
+        def lacks(c: int) -> bool:
+            j = self._by_slice.get((w.dataset, w.case, w.axis, c))
+            return j is None or label not in self._windows[j].labels
+
+        d = aug.negative_distance
+        for offset in rng.permutation([*range(-d, 0), *range(1, d + 1)]):
+            c = w.slice_index + int(offset)
+            j = self._by_slice.get((w.dataset, w.case, w.axis, c))
+            if j is not None and lacks(c) and lacks(c - 1) and lacks(c + 1):
+                return self._windows[j]
+        return None
+
+    def _roi_crop(
+        self, image: torch.Tensor, mask: torch.Tensor, rng: np.random.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The zoomed model's view: the crop around the box of ``mask[1]`` (masks (C, S, S))."""
+        rows, cols = np.nonzero(mask[1].numpy() > 0.5)
+        if rows.size == 0:  # no centre-slice target (e.g. a label on the neighbours only)
+            return image, mask
+        box = (cols.min(), rows.min(), cols.max(), rows.max())
+        roi = roi_for_box(box, tuple(mask.shape[-2:]), self.roi_context)
+        aug = self.augment or AugmentConfig.none()
+        side = roi.side * float(rng.uniform(*aug.roi_scale))
+        shift = rng.uniform(-aug.roi_shift, aug.roi_shift, size=2) * side
+        roi = Roi(cx=roi.cx + float(shift[0]), cy=roi.cy + float(shift[1]), side=side)
+        return (
+            crop(image, roi, self.size).clamp_(0.0, 255.0),
+            crop(mask, roi, self.size, mode="nearest"),
+        )
+
+    def _path(self, w: _Window, name: str) -> Path:
+        path = self.folders[w.dataset] / name
+        if not path.is_file():
+            raise InputError(
+                f"{path}: missing file, listed in {w.source}; re-run slidesam prepare "
+                "for this case (delete its meta/CASE.done.json first)"
+            )
+        return path
+
+    def _load_image(self, w: _Window) -> torch.Tensor:
+        """float32 image (3, S, S) 0..255 of a window."""
+        return self._read_rgb(w)[1]
+
+    def _read_rgb(self, w: _Window) -> tuple[np.ndarray, torch.Tensor]:
         prepared = self._prepared_sizes[w.dataset]
-        image_path, mask_path = folder / w.image, folder / w.mask
-        for path in (image_path, mask_path):
-            if not path.is_file():
-                raise InputError(
-                    f"{path}: missing file, listed in {w.source}; re-run slidesam prepare "
-                    "for this case (delete its meta/CASE.done.json first)"
-                )
+        image_path = self._path(w, w.image)
         rgb = _read_image(image_path)
         if rgb.shape != (prepared, prepared, 3) or rgb.dtype != np.uint8:
             raise InputError(
                 f"{image_path}: expected a ({prepared}, {prepared}, 3) uint8 image as "
                 f"prepare.json says, got {rgb.shape} {rgb.dtype}"
             )
+        image_t = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1), np.float32))
+        if self.size != prepared:
+            image_t = F.interpolate(
+                image_t[None], size=(self.size, self.size), mode="bilinear", antialias=True
+            )[0].clamp_(0.0, 255.0)
+        return rgb, image_t
+
+    def _load(self, w: _Window, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 image (3, S, S) 0..255 and mask (3, S, S) 0/1 of one target of a window."""
+        rgb, image_t = self._read_rgb(w)
+        image_path, mask_path = self.folders[w.dataset] / w.image, self._path(w, w.mask)
         mask, shape, labels = _read_mask(mask_path, position)
         if len(shape) != 4 or tuple(shape[1:]) != (3, *rgb.shape[:2]):
             raise InputError(
@@ -599,12 +725,8 @@ class WindowDataset(Dataset):
                 f"{mask_path}: {shape[0]} masks with labels {np.ravel(labels).tolist()} "
                 f"disagree with {w.source} (labels {list(w.labels)})"
             )
-        image_t = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1), np.float32))
         mask_t = torch.from_numpy((mask > 0).astype(np.float32))
-        if self.size != prepared:
-            image_t = F.interpolate(
-                image_t[None], size=(self.size, self.size), mode="bilinear", antialias=True
-            )[0].clamp_(0.0, 255.0)
+        if self.size != self._prepared_sizes[w.dataset]:
             mask_t = F.interpolate(mask_t[None], size=(self.size, self.size), mode="nearest-exact")[
                 0
             ]
