@@ -27,7 +27,8 @@ def test_a_pixel_lands_where_to_crop_says():
     out = crop(image, roi, 64, mode="nearest")[0]
     rows, cols = np.nonzero(out.numpy())
     x, y = roi.to_crop(np.array([30.5, 12.5]), 64)  # the pixel's centre
-    assert abs(cols.mean() + 0.5 - x) < 0.5 and abs(rows.mean() + 0.5 - y) < 0.5
+    assert abs(cols.mean() + 0.5 - x) < 0.5
+    assert abs(rows.mean() + 0.5 - y) < 0.5
     assert rows.size == 16  # 64 / 16 = 4 x 4 output pixels per input pixel
 
 
@@ -52,4 +53,5 @@ def test_crop_then_paste_gives_the_mask_back_inside_and_background_outside():
 def test_crop_outside_the_slice_is_zero():
     image = torch.full((3, 20, 20), 100.0)
     out = crop(image, Roi(cx=0.0, cy=10.0, side=20.0), 20)
-    assert torch.all(out[:, :, :9] == 0) and torch.all(out[:, :, 11:] == 100)
+    assert torch.all(out[:, :, :9] == 0)
+    assert torch.all(out[:, :, 11:] == 100)

@@ -10,8 +10,8 @@ from PIL import Image
 import slidesam
 from slidesam.core import Geometry, InputError, Volume
 from slidesam.data.io import write_image, write_mask
-from slidesam.data.roi import Roi
 from slidesam.data.prepare import PrepareConfig, prepare_dataset
+from slidesam.data.roi import Roi
 from slidesam.inference.predictor import stability_score
 
 SHAPE = (6, 48, 64)  # z, y, x: axial slices are 48 rows x 64 columns
@@ -184,15 +184,18 @@ def test_zoomed_model_crops_around_each_prompt_and_pastes_back(volume):
     assert out.rois == (Roi(cx=25.0, cy=15.0, side=20.0),)
     # the model saw the crop: the box fills the middle half of its input
     img = predictor.window_image(2, out.rois[0])
-    assert img.shape == (64, 64, 3) and img.dtype == np.float32
+    assert img.shape == (64, 64, 3)
+    assert img.dtype == np.float32
     # outside the crop (beyond a pixel of interpolation) everything is background
     assert out.logits.shape == (1, 3, 3, 48, 64)
-    assert np.all(out.logits[..., :, 37:] == -20.0) and np.all(out.logits[..., 27:, :] == -20.0)
+    assert np.all(out.logits[..., :, 37:] == -20.0)
+    assert np.all(out.logits[..., 27:, :] == -20.0)
     assert predictor.encoder_passes == 1
     predictor.predict(2, boxes=box)  # same crop: cached
     assert predictor.encoder_passes == 1
     two = predictor.predict(2, boxes=[box, [0, 0, 47, 39]])  # one crop each
-    assert predictor.encoder_passes == 2 and len(two.rois) == 2
+    assert predictor.encoder_passes == 2
+    assert len(two.rois) == 2
     assert two.logits.shape == (2, 3, 3, 48, 64)
     np.testing.assert_allclose(two.logits[0], out.logits[0], atol=1e-5)
     # points or a mask prompt also say where to look; nothing at all is refused

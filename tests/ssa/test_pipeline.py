@@ -74,7 +74,9 @@ def test_tumour_found_on_another_grid_through_world_space(phases):
 
 def test_confidence_rejects_the_poles_of_a_sphere(phases):
     stage1 = _stage1(phases["arterial"])
-    out = run_ssa(phases, stage1, ThresholdPredictor(grow=0), SSAConfig(rejected="empty"))
+    out = run_ssa(
+        phases, stage1, ThresholdPredictor(grow=0), SSAConfig(box_mode="3d", rejected="empty")
+    )
     art = out.phases["arterial"]
     for rec in art.slices:
         # 3D box: the same rectangle on every slice; the mask's box shrinks towards the poles
@@ -94,11 +96,15 @@ def test_confidence_rejects_the_poles_of_a_sphere(phases):
 def test_rejected_slices_take_the_stage1_mask_or_a_neighbours_prompt(phases):
     stage1 = _stage1(phases["arterial"])
     truth = phases["arterial"].array > 0.5
-    moved = run_ssa(phases, stage1, ThresholdPredictor(grow=0), SSAConfig(rejected="stage1"))
+    moved = run_ssa(
+        phases, stage1, ThresholdPredictor(grow=0), SSAConfig(box_mode="3d", rejected="stage1")
+    )
     art = moved.phases["arterial"]
     np.testing.assert_array_equal(art.mask > 0, truth)  # the stage-1 mask fills the poles
     assert {r["action"] for r in art.slices} == {"kept", "stage1"}
-    again = run_ssa(phases, stage1, ThresholdPredictor(grow=0), SSAConfig(rejected="neighbours"))
+    again = run_ssa(
+        phases, stage1, ThresholdPredictor(grow=0), SSAConfig(box_mode="3d", rejected="neighbours")
+    )
     actions = {r["action"] for r in again.phases["arterial"].slices}
     assert "kept" in actions
     assert actions - {"kept"}
@@ -115,9 +121,12 @@ def test_components_get_their_own_boxes():
     image[6:12, 25:35, 28:36] = 1
     vol = Volume(image, g)
     stage1 = _stage1(vol)
-    two = run_ssa({"arterial": vol}, stage1, ThresholdPredictor(grow=0), SSAConfig())
+    two = run_ssa({"arterial": vol}, stage1, ThresholdPredictor(grow=0), SSAConfig(box_mode="3d"))
     one = run_ssa(
-        {"arterial": vol}, stage1, ThresholdPredictor(grow=0), SSAConfig(per_component=False)
+        {"arterial": vol},
+        stage1,
+        ThresholdPredictor(grow=0),
+        SSAConfig(box_mode="3d", per_component=False),
     )
     assert (len(two.boxes), len(one.boxes)) == (2, 1)
     np.testing.assert_array_equal(two.phases["arterial"].mask > 0, image > 0)
@@ -147,3 +156,13 @@ def test_bad_inputs(phases):
         SSAConfig(threshold=1.5)
     with pytest.raises(InputError, match="rejected"):
         SSAConfig(rejected="maybe")
+
+
+def test_per_slice_boxes_follow_the_stage1_mask_on_every_slice(phases):
+    out = run_ssa(phases, _stage1(phases["arterial"]), ThresholdPredictor(grow=0), SSAConfig())
+    art = out.phases["arterial"]
+    assert out.config.box_mode == "per-slice"  # the default (better on phantoms)
+    for rec in art.slices:  # each slice's own box: the stub's mask fills it exactly
+        truth = phases["arterial"].array[rec["slice"]] > 0.5
+        assert rec["prompt_box"] == list(mask_box(truth))
+        assert rec["confidence"] == 1.0

@@ -10,7 +10,7 @@ The main job out of the box: generates a few synthetic three-phase renal CT case
 full SSA pipeline on them with the embedded models (stage 1: a small 3D U-Net on the arterial
 phase; stage 2: a tiny Slide-SAM guided by the stage-1 boxes on every phase; the confidence
 filter), scores the tumor against the phantoms' ground truth and prints, per phase, the
-baseline (a U-Net trained on that phase alone) against SSA.
+stage-1 mask moved to that phase (what you get without Slide-SAM) against SSA.
 
 Writes OUT/cohort (the cases), OUT/ground_truth, OUT/ssa/CASE (masks, overlays,
 ssa_report.json) and OUT/demo_results.{json,csv}. Re-running reuses the generated cases.

@@ -21,6 +21,7 @@ _COMMANDS = (
     "evaluate",
     "train",
     "pseudo_label",
+    "unet_train",
     "nnunet_export",
 )
 

@@ -49,7 +49,12 @@ def register(sub) -> None:
     s2 = p.add_argument_group("stage 2")
     s2.add_argument("--checkpoint", help="Slide-SAM checkpoint (default: the embedded model)")
     s2.add_argument("--threshold", type=float, default=0.8, help="tau (default 0.8)")
-    s2.add_argument("--box-mode", choices=("3d", "per-slice"), default="3d")
+    s2.add_argument(
+        "--box-mode",
+        choices=("3d", "per-slice"),
+        default="per-slice",
+        help="per-slice (default, better on phantoms) or 3d (the paper's Eq. 1-2)",
+    )
     s2.add_argument(
         "--rejected",
         choices=("stage1", "empty", "neighbours"),

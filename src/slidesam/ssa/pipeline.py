@@ -68,7 +68,7 @@ class SSAConfig:
     """
 
     threshold: float = 0.8
-    box_mode: str = "3d"
+    box_mode: str = "per-slice"
     per_component: bool = True
     margin_mm: float = 0.0
     min_component_voxels: int = 10

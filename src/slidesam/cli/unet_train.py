@@ -1,0 +1,47 @@
+"""``slidesam unet-train``: train the stage-1 3D U-Net from a YAML config."""
+
+from __future__ import annotations
+
+import argparse
+
+from slidesam.stage1.train import load_unet_train_config, train_unet
+from slidesam.stage1.unet import load_unet_checkpoint
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "unet-train",
+        help="train the stage-1 3D U-Net (kidney, tumor, cyst) on nnU-Net raw datasets",
+        description=(
+            "Train a small 3D U-Net (MONAI UNet) that segments kidney, tumor and cyst (KiTS "
+            "labels) on one contrast phase: the embedded stage-1 model of SSA, or a per-phase "
+            "baseline. Data: nnU-Net raw dataset folders (imagesTr/, labelsTr/), e.g. from "
+            "'slidesam phantom'. Every image is resampled to the model's target spacing in a "
+            "standard axial orientation; random patches (part centred on the tumor) with "
+            "intensity augmentation; "
+            "DiceCE loss, AdamW; held-out tumor Dice after each epoch. Writes to the run "
+            "folder: config.yaml, log.csv, last.pt and best.pt (load with "
+            "slidesam.stage1.load_unet). The YAML sections (data, model, augment, optim, run) "
+            "are described in slidesam.stage1.train; see configs/unet_arterial_phantom.yaml."
+        ),
+    )
+    p.add_argument("--config", required=True, metavar="CONFIG.yaml", help="training config (YAML)")
+    p.add_argument("--out", metavar="DIR", help="run folder, overriding run.out_dir of the config")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_unet_train_config(args.config)
+    if args.out:
+        config = config.with_out_dir(args.out)
+    best = train_unet(config, progress=not args.no_progress)
+    extra = load_unet_checkpoint(best).extra
+    scores = extra.get("validation") or {}
+    dice = scores.get("tumor_dice")
+    print(
+        f"{best}: epoch {extra.get('epoch')}, "
+        + (f"validation tumor Dice {dice:.4f}" if dice is not None else "no validation cases")
+        + f", {extra.get('seconds', 0) / 60:.1f} min"
+    )
+    return 0
