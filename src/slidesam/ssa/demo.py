@@ -91,14 +91,14 @@ def run_demo(
         raise InputError(f"SSA failed on {', '.join(c for c, _ in failed)}")
     rows = []
     for name, images in tqdm(cohort, desc="scoring", unit="case", disable=not progress):
+        art = read_image(images["arterial"])
+        s1 = read_label(out / "ssa" / name / "stage1_arterial.nii.gz", reference=art)
         for phase in PHASES:
             image = read_image(images[phase])
             gt = read_label(out / "ground_truth" / images[phase].name, reference=image).array == 2
             ssa = read_label(out / "ssa" / name / f"tumor_{phase}.nii.gz", reference=image)
             row = {"case": name, "phase": phase}
             row["ssa_dice"] = binary_scores(ssa.array > 0, gt, spacing=image.spacing).dice
-            art = read_image(images["arterial"])
-            s1 = read_label(out / "ssa" / name / "stage1_arterial.nii.gz", reference=art)
             moved = resample_mask(s1.array == 2, art.geometry, image.geometry)
             row["baseline_dice"] = binary_scores(moved, gt, spacing=image.spacing).dice
             rows.append(row)
