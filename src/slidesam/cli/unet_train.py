@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from slidesam.stage1.train import load_unet_train_config, train_unet
-from slidesam.stage1.unet import load_unet_checkpoint
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -32,6 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # imported here: building the CLI parser must not import torch (tests/core/test_layers.py)
+    from slidesam.stage1.train import load_unet_train_config, train_unet
+    from slidesam.stage1.unet import load_unet_checkpoint
+
     config = load_unet_train_config(args.config)
     if args.out:
         config = config.with_out_dir(args.out)
