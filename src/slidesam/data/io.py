@@ -31,6 +31,7 @@ __all__ = [
     "read_image",
     "read_label",
     "strip_suffix",
+    "to_sitk",
     "write_image",
     "write_mask",
 ]
@@ -209,8 +210,10 @@ def _reference_geometry(reference: Geometry | Volume) -> Geometry:
     raise TypeError(f"reference must be a Volume or Geometry, got {type(reference).__name__}")
 
 
-def _to_sitk(array: np.ndarray, geometry: Geometry) -> sitk.Image:
-    img = sitk.GetImageFromArray(array)
+def to_sitk(array: np.ndarray, geometry: Geometry) -> sitk.Image:
+    """A (Z, Y, X) array as a SimpleITK image placed on ``geometry`` (spacing, origin,
+    direction), for SimpleITK filters and writers."""
+    img = sitk.GetImageFromArray(np.ascontiguousarray(array))
     img.SetSpacing(geometry.itk_spacing())
     img.SetOrigin(geometry.origin)
     img.SetDirection(geometry.itk_direction())
@@ -241,14 +244,14 @@ def write_mask(mask: np.ndarray, reference: Geometry | Volume, path: str | Path)
         )
     labels = _as_label_array(mask, str(path))
     path = _prepare_out(path)
-    sitk.WriteImage(_to_sitk(labels, geometry), str(path), useCompression=True)
+    sitk.WriteImage(to_sitk(labels, geometry), str(path), useCompression=True)
     return path
 
 
 def write_image(volume: Volume, path: str | Path) -> Path:
     """Write an image with its own geometry and dtype (compressed where the format allows)."""
     path = _prepare_out(path)
-    sitk.WriteImage(_to_sitk(volume.array, volume.geometry), str(path), useCompression=True)
+    sitk.WriteImage(to_sitk(volume.array, volume.geometry), str(path), useCompression=True)
     return path
 
 

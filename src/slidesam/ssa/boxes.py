@@ -22,7 +22,8 @@ from scipy import ndimage
 
 from slidesam.core import Geometry, InputError
 from slidesam.core.prompts import Prompt
-from slidesam.ssa.register import WorldTransform, _to_sitk
+from slidesam.data.io import to_sitk
+from slidesam.ssa.register import WorldTransform
 
 __all__ = [
     "Box3D",
@@ -367,7 +368,7 @@ def resample_mask(
         else transform.inverted().to_sitk()  # ITK resampling maps output points to input points
     )
     try:
-        img = _to_sitk(np.ascontiguousarray(work), source)
+        img = to_sitk(np.ascontiguousarray(work), source)
     except (RuntimeError, TypeError) as exc:
         raise TypeError(f"mask dtype {dtype} is not supported by SimpleITK: {exc}") from None
     out = sitk.Resample(

@@ -27,6 +27,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from slidesam.core import Geometry, InputError, Volume
+from slidesam.data.io import to_sitk
 
 __all__ = ["RigidResult", "WorldTransform", "register_rigid", "roi_mask"]
 
@@ -202,15 +203,6 @@ class RigidResult:
         }
 
 
-def _to_sitk(array: np.ndarray, geometry: Geometry) -> sitk.Image:
-    """A (Z, Y, X) array as a SimpleITK image on ``geometry`` (also used by ``boxes``)."""
-    img = sitk.GetImageFromArray(array)
-    img.SetSpacing(geometry.itk_spacing())
-    img.SetOrigin(geometry.origin)
-    img.SetDirection(geometry.itk_direction())
-    return img
-
-
 def _check_roi(roi_mm) -> tuple[np.ndarray, np.ndarray]:
     try:
         lo, hi = (np.asarray(v, dtype=np.float64).reshape(-1) for v in roi_mm)
@@ -351,7 +343,7 @@ def register_rigid(
 
     def prepare(vol: Volume) -> sitk.Image:
         arr = np.clip(vol.array.astype(np.float32, copy=False), low, high)
-        return _to_sitk(arr, vol.geometry)
+        return to_sitk(arr, vol.geometry)
 
     fixed_img, moving_img = prepare(fixed), prepare(moving)
 
@@ -365,7 +357,7 @@ def register_rigid(
                 f"roi_mm {_fmt_box(lo, hi)} holds no voxel of the fixed image, which spans "
                 f"{_fmt_box(flo, fhi)}"
             )
-        reg.SetMetricFixedMask(_to_sitk(mask, fixed.geometry))
+        reg.SetMetricFixedMask(to_sitk(mask, fixed.geometry))
         center = (np.maximum(lo, flo) + np.minimum(hi, fhi)) / 2.0  # of the ROI on the grid
     else:
         center = (flo + fhi) / 2.0

@@ -39,6 +39,7 @@ from scipy import ndimage
 from torch import nn
 
 from slidesam.core import KITS_LABELS, PHASES, Geometry, InputError, Volume
+from slidesam.data.io import to_sitk
 from slidesam.inference.checkpoint import load_strict, read_checkpoint
 
 __all__ = [
@@ -409,14 +410,6 @@ def network_geometry(geometry: Geometry, spacing: tuple[float, float, float]) ->
     )
 
 
-def _to_sitk(array: np.ndarray, geometry: Geometry) -> sitk.Image:
-    img = sitk.GetImageFromArray(np.ascontiguousarray(array))
-    img.SetSpacing(geometry.itk_spacing())
-    img.SetOrigin(geometry.origin)
-    img.SetDirection(geometry.itk_direction())
-    return img
-
-
 def resample(array: np.ndarray, source: Geometry, target: Geometry, *, linear: bool) -> np.ndarray:
     """Resample ``array`` (on ``source``) onto ``target`` in world coordinates (SimpleITK).
 
@@ -437,7 +430,7 @@ def resample(array: np.ndarray, source: Geometry, target: Geometry, *, linear: b
     f.SetOutputDirection(target.itk_direction())
     f.SetInterpolator(sitk.sitkLinear if linear else sitk.sitkNearestNeighbor)
     f.SetUseNearestNeighborExtrapolator(True)
-    return sitk.GetArrayFromImage(f.Execute(_to_sitk(array, source)))
+    return sitk.GetArrayFromImage(f.Execute(to_sitk(array, source)))
 
 
 def normalize(array: np.ndarray, hu_window: tuple[float, float]) -> np.ndarray:
