@@ -57,9 +57,17 @@ def seeded(config: UNetConfig, seed: int = 0) -> nn.Module:
 # configs
 # ----------------------------------------------------------------------------------------------
 def test_config_round_trip_and_label_mapping():
-    config = UNetConfig(label_names=("background", "tumor", "cyst"), target_spacing=(4, 2.5, 2.5))
+    config = UNetConfig(
+        label_names=("background", "tumor", "cyst"),
+        target_spacing=(4, 2.5, 2.5),
+        channels=(8, 16, 32, 64),
+        strides=((1, 2, 2), 2, 2),
+        patch_size=(16, 32, 32),
+    )
     back = UNetConfig.from_dict(yaml.safe_load(yaml.safe_dump(config.to_dict())))
     assert back == config
+    assert back.strides == ((1, 2, 2), 2, 2)
+    assert back.patch_multiple == (4, 8, 8)
     assert config.num_classes == 3
     assert config.label_values == (0, 2, 3)
     assert config.tumor_channel == 1
@@ -71,7 +79,12 @@ def test_config_round_trip_and_label_mapping():
     [
         ({"chanels": [8, 16]}, r"unknown key\(s\) in U-Net config: chanels \(valid: channels"),
         ({"strides": [2, 2]}, r"strides needs len\(channels\) - 1 = 3 values"),
-        ({"patch_size": [30, 64, 64]}, r"multiples of the product of strides \(8\)"),
+        ({"patch_size": [30, 64, 64]}, r"multiples of the product of strides \[8, 8, 8\]"),
+        (
+            {"strides": [[1, 2, 2], 2, 2], "patch_size": [6, 64, 64]},
+            r"multiples of the product of strides \[4, 8, 8\]",
+        ),
+        ({"strides": [[1, 2], 2, 2]}, r"strides\[0\] must have 3 values"),
         ({"label_names": ["background", "kidney"]}, "must include tumor"),
         ({"label_names": ["kidney", "tumor"]}, "starting with background"),
         ({"target_spacing": [3, 3]}, r"target_spacing must have 3 values"),
@@ -92,6 +105,7 @@ def test_train_config_yaml_round_trip_and_unknown_keys(tmp_path):
             "data": {"folders": "some/Dataset502", "val_cases": 2},
             "model": {"channels": [8, 16, 32], "strides": [2, 2], "patch_size": [16, 32, 32]},
             "augment": {"patch_size": [8, 16, 16]},
+            "loss": {"batch_dice": False},
             "optim": {"lr": "1e-3", "epochs": 3},
             "run": None,
         }
@@ -99,6 +113,7 @@ def test_train_config_yaml_round_trip_and_unknown_keys(tmp_path):
     assert config.data.folders == ("some/Dataset502",)
     assert config.optim.lr == 1e-3  # PyYAML's string for 1e-3 is read as a number
     assert config.train_patch == (8, 16, 16)
+    assert config.loss.batch_dice is False
     path = config.save(tmp_path / "c.yaml")
     assert load_unet_train_config(path) == config
 
@@ -270,12 +285,15 @@ def test_tumor_clean_up_keeps_the_largest_components():
 # ----------------------------------------------------------------------------------------------
 # training
 # ----------------------------------------------------------------------------------------------
+#: large tumors: fast to learn at a coarse spacing
+TINY_PHANTOM = PhantomConfig(phases=("arterial",), tumor_diameter_mm=(45.0, 60.0))
+
+
 @pytest.fixture(scope="module")
 def tiny_cohort(tmp_path_factory):
-    """Three arterial phantom cases with large tumors (fast to learn at a coarse spacing)."""
+    """Three arterial phantom cases (seed 7)."""
     out = tmp_path_factory.mktemp("phantom")
-    config = PhantomConfig(phases=("arterial",), tumor_diameter_mm=(45.0, 60.0))
-    write_cohort(out, cases=3, seed=7, config=config, progress=False)
+    write_cohort(out, cases=3, seed=7, config=TINY_PHANTOM, progress=False)
     return out / "Dataset502_RenalPhantomArterial"
 
 
@@ -288,17 +306,17 @@ def _tiny_train_config(data, out, **optim) -> UNetTrainConfig:
                 "strides": [2, 2],
                 "num_res_units": 1,
                 "target_spacing": [6.0, 6.0, 6.0],
-                "patch_size": [24, 56, 56],
+                "patch_size": [16, 32, 32],
             },
-            "augment": {"patch_size": [16, 32, 32], "tumor_fraction": 0.7},
+            "augment": {"tumor_fraction": 0.7},
             "optim": {"lr": 0.01, "batch_size": 2, "warmup_steps": 5, **optim},
-            "run": {"out_dir": str(out), "seed": 3, "num_threads": 2, "val_every": 2},
+            "run": {"out_dir": str(out), "seed": 3, "num_threads": 1, "val_every": 4},
         }
     )
 
 
 def test_training_learns_the_tumor(tiny_cohort, tmp_path):
-    config = _tiny_train_config(tiny_cohort, tmp_path / "run", epochs=6, steps_per_epoch=15)
+    config = _tiny_train_config(tiny_cohort, tmp_path / "run", epochs=8, steps_per_epoch=30)
     before = torch.get_num_threads()
     best = train_unet(config, progress=False)
     assert torch.get_num_threads() == before  # restored
@@ -307,31 +325,23 @@ def test_training_learns_the_tumor(tiny_cohort, tmp_path):
         assert (tmp_path / "run" / name).is_file()
     assert load_unet_train_config(tmp_path / "run" / "config.yaml") == config
     rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
-    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5, 6]
-    assert rows[1]["val_tumor_dice"] != ""
-    assert rows[0]["val_tumor_dice"] == ""
-    assert float(rows[-1]["train_loss"]) < 0.7 * float(rows[0]["train_loss"])
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 9))
+    assert [r["val_tumor_dice"] != "" for r in rows] == [False, False, False, True] * 2
+    assert float(rows[-1]["train_loss"]) < 0.5 * float(rows[0]["train_loss"])
 
     ckpt = load_unet_checkpoint(tmp_path / "run" / "last.pt")
-    assert ckpt.extra["epoch"] == 6
+    assert ckpt.extra["epoch"] == 8
     assert len(ckpt.extra["train_cases"]) == 2
     assert len(ckpt.extra["val_cases"]) == 1
-    # Dice on a training case, on its own grid, through the deployed predict path
-    train_case = ckpt.extra["train_cases"][0].split("/")[-1]
-    index = int(train_case.split("_")[-1])
-    case = generate_case(
-        index, seed=7, config=PhantomConfig(phases=("arterial",), tumor_diameter_mm=(45.0, 60.0))
-    )
-    image, gt = case.phases["arterial"], case.labels["arterial"]
-    pred = UNetStage1(ckpt.model, ckpt.config).predict(image)
-    assert pred.geometry == image.geometry
-    trained = binary_scores(pred.array == 2, gt.array == 2, spacing=image.spacing).dice
-    torch.manual_seed(3)
-    untrained = UNetStage1(build_unet(ckpt.config), ckpt.config).predict(image)
-    before = binary_scores(untrained.array == 2, gt.array == 2, spacing=image.spacing).dice
-    # 90 steps at 6 mm: measured 0.33 (a random network ~0); the real recipe is in the bench
-    assert trained > 0.2
-    assert trained > before + 0.15
+    # Dice on the training cases, on their own grids, through the deployed predict path
+    stage = UNetStage1(ckpt.model, ckpt.config)
+    for case_id in ckpt.extra["train_cases"]:
+        index = int(case_id.rsplit("_", 1)[-1])
+        case = generate_case(index, seed=7, config=TINY_PHANTOM)
+        image, gt = case.phases["arterial"], case.labels["arterial"]
+        pred = stage.predict(image)
+        assert pred.geometry == image.geometry
+        assert binary_scores(pred.array == 2, gt.array == 2, spacing=image.spacing).dice > 0.6
 
 
 def test_training_refuses_another_phase_and_too_few_cases(tiny_cohort, tmp_path):

@@ -126,13 +126,22 @@ def _plain(value: Any) -> Any:
 # ----------------------------------------------------------------------------------------------
 # configuration
 # ----------------------------------------------------------------------------------------------
+def _stride_product(strides) -> tuple[int, int, int]:
+    out = np.ones(3, dtype=int)
+    for s in strides:
+        out *= np.broadcast_to(np.asarray(s, dtype=int), (3,))
+    return tuple(int(v) for v in out)
+
+
 @dataclass(frozen=True)
 class UNetConfig:
     """Architecture and preprocessing of a stage-1 U-Net (saved inside every checkpoint).
 
     Attributes:
         channels: feature channels per level, e.g. ``(16, 32, 64, 128)``.
-        strides: downsampling stride between levels, ``len(channels) - 1`` values.
+        strides: downsampling between levels, ``len(channels) - 1`` values, each one number
+            or three (z, y, x), e.g. ``((1, 2, 2), (2, 2, 2), (2, 2, 2))`` to keep the first
+            level's z resolution. MONAI's first level already downsamples by ``strides[0]``.
         num_res_units: residual units per block (MONAI ``UNet``).
         norm: ``"instance"`` or ``"batch"``.
         dropout: dropout probability in every block.
@@ -143,13 +152,13 @@ class UNetConfig:
         target_spacing: voxel size (z, y, x) mm of the network grid images are resampled to.
         hu_window: (low, high) HU clipped and scaled to 0..1 before the network.
         patch_size: (z, y, x) voxels of the sliding windows (inference) and, by default, of the
-            training patches; each a multiple of the product of ``strides``. With instance norm
+            training patches; each a multiple of :attr:`patch_multiple`. With instance norm
             the inference window should equal the training patch.
         phase: contrast phase the model was trained on (``plain``, ``arterial``, ``venous``).
     """
 
     channels: tuple[int, ...] = (16, 32, 64, 128)
-    strides: tuple[int, ...] = (2, 2, 2)
+    strides: tuple[int | tuple[int, int, int], ...] = (2, 2, 2)
     num_res_units: int = 2
     norm: str = "instance"
     dropout: float = 0.0
@@ -168,7 +177,13 @@ class UNetConfig:
         if len(channels) < 2:
             raise InputError(f"channels needs at least 2 levels, got {list(channels)}")
         strides = tuple(
-            _as_int(s, f"strides[{i}]", 1) for i, s in enumerate(_as_seq(self.strides, "strides"))
+            tuple(
+                _as_int(v, f"strides[{i}][{j}]", 1)
+                for j, v in enumerate(_as_seq(s, f"strides[{i}]", 3))
+            )
+            if isinstance(s, list | tuple)
+            else _as_int(s, f"strides[{i}]", 1)
+            for i, s in enumerate(_as_seq(self.strides, "strides"))
         )
         if len(strides) != len(channels) - 1:
             raise InputError(
@@ -211,14 +226,20 @@ class UNetConfig:
             _as_int(p, f"patch_size[{i}]", 1)
             for i, p in enumerate(_as_seq(self.patch_size, "patch_size", 3))
         )
-        factor = math.prod(strides)
-        if any(p % factor for p in patch):
+        multiple = _stride_product(strides)
+        if any(p % m for p, m in zip(patch, multiple, strict=True)):
             raise InputError(
-                f"patch_size {list(patch)} must be multiples of the product of strides ({factor})"
+                f"patch_size {list(patch)} must be multiples of the product of strides "
+                f"{list(multiple)} (z, y, x)"
             )
         set_("patch_size", patch)
         if self.phase not in PHASES:
             raise InputError(f"phase must be one of {', '.join(PHASES)}, got {self.phase!r}")
+
+    @property
+    def patch_multiple(self) -> tuple[int, int, int]:
+        """(z, y, x) product of the strides: patch sizes must be multiples of it."""
+        return _stride_product(self.strides)
 
     @property
     def num_classes(self) -> int:
@@ -247,7 +268,7 @@ class UNetConfig:
 def build_unet(config: UNetConfig) -> nn.Module:
     """The network of ``config``: MONAI ``UNet``, 3D, 1 input channel, ``num_classes`` logits.
 
-    Input (B, 1, Z, Y, X) float32 with Z, Y, X multiples of ``prod(config.strides)``; output
+    Input (B, 1, Z, Y, X) float32 with Z, Y, X multiples of ``config.patch_multiple``; output
     (B, num_classes, Z, Y, X) logits. Weights are initialised from torch's global generator
     (wrap in ``torch.random.fork_rng`` and seed it for a reproducible start).
     """
