@@ -23,6 +23,9 @@ _COMMANDS = (
     "pseudo_label",
     "unet_train",
     "nnunet_export",
+    "transfersam",
+    "msam",
+    "serve",
 )
 
 
