@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_train_config(args.config)
     if args.out:
-        config = config.replace_out_dir(args.out)
+        config = config.with_out_dir(args.out)
     result = train(config, resume=args.resume, progress=not args.no_progress)
     if result["rank"] != 0:
         return 0  # one summary per run, from the process that wrote the run folder

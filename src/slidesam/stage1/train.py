@@ -45,16 +45,16 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from tqdm import tqdm
 
 from slidesam.core import InputError, Volume
+from slidesam.core.configfile import SectionedConfig
 from slidesam.data.io import read_image, read_label
 from slidesam.evaluation.metrics import binary_scores
 from slidesam.stage1.unet import (
@@ -63,8 +63,6 @@ from slidesam.stage1.unet import (
     _as_float,
     _as_int,
     _as_seq,
-    _from_mapping,
-    _plain,
     build_unet,
     network_geometry,
     normalize,
@@ -290,8 +288,11 @@ class UNetRunConfig:
 
 
 @dataclass(frozen=True)
-class UNetTrainConfig:
+class UNetTrainConfig(SectionedConfig):
     """All settings of a U-Net training run (file layout in the module docstring)."""
+
+    KIND = "a U-Net training config"
+    COERCE = False  # every section checks its own values (``_as_int``, ``_as_float``...)
 
     data: UNetDataConfig
     model: UNetConfig = field(default_factory=UNetConfig)
@@ -313,68 +314,10 @@ class UNetTrainConfig:
         """(z, y, x) voxels of the training patches."""
         return self.augment.patch_size or self.model.patch_size
 
-    @classmethod
-    def from_dict(cls, data: Any) -> UNetTrainConfig:
-        """Build from plain data (a parsed YAML file); unknown sections/keys are named."""
-        if not isinstance(data, dict):
-            got = "nothing" if data is None else type(data).__name__
-            raise InputError(f"a U-Net training config must be a mapping of sections, got {got}")
-        sections = {f.name: f for f in fields(cls)}
-        unknown = sorted(str(k) for k in data if k not in sections)
-        if unknown:
-            raise InputError(
-                f"unknown config section(s): {', '.join(unknown)}; valid: {', '.join(sections)}"
-            )
-        if "data" not in data:
-            raise InputError("the config has no 'data' section (data.folders is required)")
-        types = {
-            "data": UNetDataConfig,
-            "model": UNetConfig,
-            "augment": UNetAugmentConfig,
-            "loss": UNetLossConfig,
-            "optim": UNetOptimConfig,
-            "run": UNetRunConfig,
-        }
-        built = {}
-        for name, value in data.items():
-            value = {} if value is None else value
-            try:
-                built[name] = _from_mapping(types[name], value, f"section '{name}'")
-            except InputError as exc:
-                msg = str(exc)
-                prefixed = msg.startswith((f"{name}.", "unknown key", "section"))
-                raise InputError(msg if prefixed else f"{name}.{msg}") from None
-        return cls(**built)
-
-    def to_dict(self) -> dict:
-        """Plain YAML/JSON-ready data; :meth:`from_dict` reads it back."""
-        return _plain(asdict(self))
-
-    def with_out_dir(self, out_dir: str | Path) -> UNetTrainConfig:
-        return replace(self, run=replace(self.run, out_dir=str(out_dir)))
-
-    def save(self, path: str | Path) -> Path:
-        """Write as YAML."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        return path
-
 
 def load_unet_train_config(path: str | Path) -> UNetTrainConfig:
     """Read a YAML config (``yaml.safe_load``); errors name the file and the key."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such config file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise InputError(f"{path}: not valid YAML ({first})") from None
-    try:
-        return UNetTrainConfig.from_dict(data)
-    except InputError as exc:
-        raise InputError(f"{path}: {exc}") from None
+    return UNetTrainConfig.load(path)
 
 
 # ----------------------------------------------------------------------------------------------

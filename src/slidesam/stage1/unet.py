@@ -39,6 +39,7 @@ from scipy import ndimage
 from torch import nn
 
 from slidesam.core import KITS_LABELS, PHASES, Geometry, InputError, Volume
+from slidesam.core.configfile import plain
 from slidesam.data.io import to_sitk
 from slidesam.inference.checkpoint import load_strict, read_checkpoint
 
@@ -113,14 +114,6 @@ def _from_mapping(cls: type, data: Any, where: str):
             f"unknown key(s) in {where}: {', '.join(unknown)} (valid: {', '.join(names)})"
         )
     return cls(**data)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,7 +250,7 @@ class UNetConfig:
 
     def to_dict(self) -> dict:
         """JSON/YAML-ready dict (tuples as lists); :meth:`from_dict` reads it back."""
-        return _plain(asdict(self))
+        return plain(asdict(self))
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "U-Net config") -> UNetConfig:
@@ -320,7 +313,7 @@ def save_unet_checkpoint(
         "format_version": FORMAT_VERSION,
         "config": config.to_dict(),
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        "extra": _plain(dict(extra or {})),
+        "extra": plain(dict(extra or {})),
     }
     torch.save(payload, path)
     return path

@@ -26,14 +26,10 @@ Under ``torchrun`` (``slidesam.training.distributed``) the same file configures 
 
 from __future__ import annotations
 
-import types
-import typing
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
 
-import yaml
-
+from slidesam.core.configfile import SectionedConfig
 from slidesam.core.errors import InputError
 from slidesam.modeling.build import TRAINABLE_PRESETS
 from slidesam.training.losses import LossConfig
@@ -246,8 +242,10 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(SectionedConfig):
     """All settings of a training run (see the module docstring for the file layout)."""
+
+    KIND = "a training config"
 
     data: DataConfig
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -264,153 +262,7 @@ class TrainConfig:
                 f"{self.run.device!r}; use optim.amp: none"
             )
 
-    @classmethod
-    def from_dict(cls, d: Any) -> TrainConfig:
-        """Build from plain data (a parsed YAML file), checking keys and types."""
-        if not isinstance(d, dict):
-            raise InputError(f"a training config must be a mapping of sections, got {_kind(d)}")
-        sections = {f.name: f for f in fields(cls)}
-        unknown = sorted(str(k) for k in d if k not in sections)
-        if unknown:
-            raise InputError(
-                f"unknown config section(s): {', '.join(unknown)}; valid: {', '.join(sections)}"
-            )
-        if "data" not in d:
-            raise InputError("the config has no 'data' section (data.folders is required)")
-        hints = get_type_hints(cls)
-        d = {name: {} if value is None else value for name, value in d.items()}
-        for name, value in d.items():  # every unknown key is reported before any value
-            if not isinstance(value, dict):
-                raise InputError(f"section '{name}' must be a mapping of keys, got {_kind(value)}")
-        problems = [p for name, value in d.items() if (p := _unknown(hints[name], value, name))]
-        if problems:
-            raise InputError("; ".join(problems))
-        return cls(**{name: _section(hints[name], value, name) for name, value in d.items()})
-
-    def to_dict(self) -> dict:
-        """Plain YAML/JSON-ready data; ``TrainConfig.from_dict`` reads it back."""
-        return _plain(asdict(self))
-
-    def replace_out_dir(self, out_dir: str | Path) -> TrainConfig:
-        from dataclasses import replace
-
-        return replace(self, run=replace(self.run, out_dir=str(out_dir)))
-
-    def save(self, path: str | Path) -> Path:
-        """Write as YAML (``yaml.safe_dump``)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        return path
-
 
 def load_train_config(path: str | Path) -> TrainConfig:
     """Read a YAML training config (``yaml.safe_load``); errors name the file and the key."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such config file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise InputError(f"{path}: not valid YAML ({first})") from None
-    try:
-        return TrainConfig.from_dict(data)
-    except InputError as exc:
-        raise InputError(f"{path}: {exc}") from None
-
-
-# ----------------------------------------------------------------------------------------------
-# checking plain data against the dataclasses' annotations
-
-
-def _unknown(cls: type, value: dict, name: str) -> str | None:
-    """The message naming the keys of ``value`` that ``cls`` lacks, or None."""
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(str(k) for k in value if k not in known)
-    if not unknown:
-        return None
-    return (
-        f"unknown key(s) in section '{name}': {', '.join(unknown)} (valid: "
-        + ", ".join(f.name for f in fields(cls))
-        + ")"
-    )
-
-
-def _section(cls: type, value: dict, name: str):
-    hints = get_type_hints(cls)
-    kwargs = {k: _coerce(v, hints[k], f"{name}.{k}") for k, v in value.items()}
-    try:
-        return cls(**kwargs)
-    except InputError as exc:
-        message = str(exc)
-        raise InputError(
-            message if message.startswith(f"{name}.") else f"{name}: {message}"
-        ) from None
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    origin, args = get_origin(hint), get_args(hint)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, option, where)
-            except InputError:
-                continue
-        raise InputError(f"{where} must be {_describe(hint)}, got {value!r}")
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    elif origin is tuple:
-        if isinstance(value, str):
-            value = [value]  # a single folder or class name
-        if isinstance(value, list | tuple):
-            if len(args) == 2 and args[1] is Ellipsis:
-                return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-            if len(value) == len(args):
-                pairs = enumerate(zip(value, args, strict=True))
-                return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in pairs)
-    elif is_dataclass(hint) or hint is typing.Any:
-        return value
-    raise InputError(f"{where} must be {_describe(hint)}, got {value!r}")
-
-
-def _describe(hint: Any) -> str:
-    origin, args = get_origin(hint), get_args(hint)
-    if origin in (Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
-    if origin is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_describe(args[0])}"
-        return f"a list of {len(args)} {_describe(args[0])}"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
-        hint, str(hint)
-    )
-
-
-def _kind(value: Any) -> str:
-    return "nothing" if value is None else type(value).__name__
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
+    return TrainConfig.load(path)
