@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -424,17 +425,13 @@ def test_zoomed_model_samples_are_crops_around_the_target(prepared):
         WindowDataset(prepared[0], roi_context=0.5)
 
 
-def test_negative_samples_come_from_slices_without_the_target(tmp_path):
-    """Kidney on slices 1..8 of 10, tumour on 2..3: a tumour sample's negatives are the windows
-    at 5 or 6 (all three slices tumour-free, within 3 slices); kidney has none."""
+def _toy_windows(tmp_path, labels: np.ndarray) -> Path:
+    """Prepared windows of one 10 x 40 x 50 case with ``labels`` (1 kidney, 2 tumour)."""
     g = Geometry(shape=(10, 40, 50), spacing=(3.0, 1.5, 1.5))
     image = np.full(g.shape, -1000, np.int16)
     image[:, 5:35, 5:45] = 100
     image += np.arange(10, dtype=np.int16)[:, None, None] * 20  # tell the slices apart
-    labels = np.zeros(g.shape, np.uint8)
-    labels[1:9, 10:16, 20:25] = 1
-    labels[2:4, 25:31, 30:36] = 2
-    raw = tmp_path / "Dataset901_Neg"
+    raw = tmp_path / "Dataset901_Toy"
     write_image(Volume(image, g), raw / "imagesTr" / "c_0000.nii.gz")
     write_mask(labels, g, raw / "labelsTr" / "c.nii.gz")
     (raw / "dataset.json").write_text(
@@ -443,7 +440,16 @@ def test_negative_samples_come_from_slices_without_the_target(tmp_path):
     prepare_dataset(
         raw, tmp_path / "out", PrepareConfig(size=SIZE, image_format="png"), progress=False
     )
-    folder = tmp_path / "out" / raw.name
+    return tmp_path / "out" / raw.name
+
+
+def test_negative_samples_come_from_slices_without_the_target(tmp_path):
+    """Kidney on slices 1..8 of 10, tumour on 2..3: a tumour sample's negatives are the windows
+    at 5 or 6 (all three slices tumour-free, within 3 slices); kidney has none."""
+    labels = np.zeros((10, 40, 50), np.uint8)
+    labels[1:9, 10:16, 20:25] = 1
+    labels[2:4, 25:31, 30:36] = 2
+    folder = _toy_windows(tmp_path, labels)
     plain = WindowDataset(folder, augment=AugmentConfig.none())
     neg = WindowDataset(folder, augment=replace(AugmentConfig.none(), negative_p=1.0))
     by_slice = {
@@ -460,3 +466,29 @@ def test_negative_samples_come_from_slices_without_the_target(tmp_path):
         assert b.indicator.tolist() == [1.0, 1.0, 1.0]
         assert torch.equal(b.prompt_mask, a.mask[1])  # the prompt still points at the tumour
         assert b.prompt_mask.any()
+
+
+def test_neighbour_prompts_come_from_an_edge_slice_that_keeps_the_target(tmp_path):
+    """A tumour that grows from slice 2 to 6 (side 2 + 2 * (z - 2) px at the window size): with
+    neighbour_prompt_p = 1 the prompt is the mask of slice c - 1 or c + 1, whichever keeps the
+    tumour; the target stays the window's own three slices."""
+    labels = np.zeros((10, 40, 50), np.uint8)
+    for z in range(2, 7):
+        half = 1 + (z - 2)
+        labels[z, 20 - half : 20 + half, 25 - half : 25 + half] = 2
+    folder = _toy_windows(tmp_path, labels)
+    plain = WindowDataset(folder, augment=AugmentConfig.none())
+    edge = WindowDataset(folder, augment=replace(AugmentConfig.none(), neighbour_prompt_p=1.0))
+    sources = {}
+    for i in range(len(plain)):
+        a, b = plain[i], edge[i]
+        assert torch.equal(a.mask, b.mask)
+        assert torch.equal(a.image, b.image)
+        kept = [k for k in (0, 2) if a.mask[k].any()]
+        match = [k for k in range(3) if torch.equal(b.prompt_mask, a.mask[k])]
+        sources[a.slice_index] = match
+        assert match[0] in kept
+    # slice 2 has the tumour only above it, slice 6 only below; 3..5 on both sides
+    assert sources[2] == [2]
+    assert sources[6] == [0]
+    assert all(sources[z] in ([0], [2]) for z in (3, 4, 5))

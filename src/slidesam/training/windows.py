@@ -148,6 +148,13 @@ class AugmentConfig:
             "nothing here" when propagation walks past an object's end; negatives get no
             spatial augmentation. When no such window exists the sample stays positive.
         negative_distance: farthest such neighbour, in slices.
+        neighbour_prompt_p: probability that a positive sample labelled on all three slices
+            is prompted from one of its *edge* slices (c - 1 or c + 1, whichever keeps the
+            target; the prompt still asks for all three slices). This is what propagation
+            gives at inference: the next window's box comes from the previous window's edge
+            mask, which at an object's end is larger than the new centre slice (and at
+            ``step`` 3 lies two slices away). Without it the model learns to fill whatever box
+            it is given. For zoomed models the crop follows that prompt.
 
     Geometry is resampled once per sample (crop and affine composed): bilinear for the image,
     nearest for the mask, zeros outside the image. If the spatial steps would leave a mask
@@ -169,6 +176,7 @@ class AugmentConfig:
     roi_shift: float = 0.1
     negative_p: float = 0.0
     negative_distance: int = 3
+    neighbour_prompt_p: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.negative_distance, int) or self.negative_distance < 1:
@@ -176,7 +184,14 @@ class AugmentConfig:
                 f"AugmentConfig.negative_distance must be an integer >= 1, "
                 f"got {self.negative_distance!r}"
             )
-        for name in ("crop_p", "crop_positive", "affine_p", "intensity_p", "negative_p"):
+        for name in (
+            "crop_p",
+            "crop_positive",
+            "affine_p",
+            "intensity_p",
+            "negative_p",
+            "neighbour_prompt_p",
+        ):
             p = getattr(self, name)
             if not isinstance(p, int | float) or not 0.0 <= p <= 1.0:
                 raise InputError(f"AugmentConfig.{name} must be a probability in [0, 1], got {p!r}")
@@ -215,6 +230,7 @@ class AugmentConfig:
             roi_scale=(1.0, 1.0),
             roi_shift=0.0,
             negative_p=0.0,
+            neighbour_prompt_p=0.0,
         )
 
     @property
@@ -625,11 +641,14 @@ class WindowDataset(Dataset):
             if aug.intensity_p > 0:
                 image, _ = augment_window(image, mask, _intensity_only(aug), rng)
         else:
+            source = self._prompt_slice(mask, indicator, aug, rng)
             if self.roi_context > 0:
-                image, mask = self._roi_crop(image, mask, rng)
+                image, mask = self._roi_crop(image, mask, rng, source)
             if aug.enabled:
                 image, mask = augment_window(image, mask, aug, rng)
-            prompt_mask = mask[1].clone()
+            if not mask[source].any():  # the spatial steps only keep the centre slice's target
+                source = 1
+            prompt_mask = mask[source].clone()
         return WindowSample(
             image=image,
             mask=mask,
@@ -662,11 +681,21 @@ class WindowDataset(Dataset):
                 return self._windows[j]
         return None
 
+    @staticmethod
+    def _prompt_slice(mask: torch.Tensor, indicator: torch.Tensor, aug, rng) -> int:
+        """Which slice of the window the prompt is simulated from: 1 (the centre), or an edge
+        slice that keeps the target with probability ``aug.neighbour_prompt_p``."""
+        if aug.neighbour_prompt_p == 0 or rng.random() >= aug.neighbour_prompt_p:
+            return 1
+        edges = [i for i in (0, 2) if indicator[i] > 0 and mask[i].any()]
+        return int(rng.choice(edges)) if edges else 1
+
     def _roi_crop(
-        self, image: torch.Tensor, mask: torch.Tensor, rng: np.random.Generator
+        self, image: torch.Tensor, mask: torch.Tensor, rng: np.random.Generator, source: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The zoomed model's view: the crop around the box of ``mask[1]`` (masks (C, S, S))."""
-        rows, cols = np.nonzero(mask[1].numpy() > 0.5)
+        """The zoomed model's view: the crop around the box of ``mask[source]`` (masks
+        (C, S, S)); falls back to the whole image when that slice is empty."""
+        rows, cols = np.nonzero(mask[source].numpy() > 0.5)
         if rows.size == 0:  # no centre-slice target (e.g. a label on the neighbours only)
             return image, mask
         box = (cols.min(), rows.min(), cols.max(), rows.max())
