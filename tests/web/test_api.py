@@ -159,6 +159,69 @@ def test_brush_eraser_and_their_undo(opened):
     assert "out of range" in r.json()["error"]
 
 
+def _edit(client, sid, **body):
+    r = client.post(f"/api/sessions/{sid}/edit", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.mark.parametrize("prompt", ["negative point", "smaller box"])
+def test_hand_edits_survive_new_prompts_and_undo_is_exact(opened, case, prompt):
+    client, sid = opened
+    _box_prompt(client, sid, case)
+    after_box = _mask(client, sid)
+    z = case.slice
+    x0, y0, x1, y1 = case.box
+    cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
+    # paint a bar of object 1 far from the tumour and erase a hole in its middle, on slice z
+    assert not after_box[z, 2:5, 1:12].any()
+    assert after_box[z, cy - 1 : cy + 2, cx - 1 : cx + 2].all()
+    _edit(client, sid, slice=z, label=1, radius=1, points=[[2, 3], [10, 3]])
+    state = _edit(client, sid, slice=z, mode="erase", radius=1, points=[[cx, cy]])
+    # radius 1: rows 2 and 4 get x = 2..10, row 3 x = 1..11 (29); the eraser a plus (5)
+    assert state["hand_edits"] == {"painted": 29, "erased": 5}
+    before = _mask(client, sid)
+    assert before[z, 3, 1:12].tolist() == [1] * 11
+    assert before[z, 2, 2:11].tolist() == [1] * 9
+    assert before[z, cy, cx] == 0
+
+    if prompt == "negative point":  # on the mask's last slice: the object is re-run in 3D
+        zz = int(np.flatnonzero((after_box == 1).any(axis=(1, 2)))[-1])
+        ys, xs = np.nonzero(after_box[zz] == 1)
+        body = {"slice": zz, "points": [[int(xs[0]), int(ys[0])]], "point_labels": [0]}
+    else:  # a new box on the edited slice replaces its box
+        body = {"slice": z, "box": [x0 + 2, y0 + 2, x1 - 2, y1 - 2]}
+    assert client.post(f"/api/sessions/{sid}/prompts", json=body).status_code == 200
+    assert wait_job(client, sid)["state"] == "done"
+    after = _mask(client, sid)
+    assert not np.array_equal(after, before)  # the model's object changed ...
+    assert after[z, 2:5, 1:12].tolist() == before[z, 2:5, 1:12].tolist()  # ... the bar did not
+    assert not after[z, cy - 1 : cy + 2, cx].any()  # the erased plus stays clear
+    assert not after[z, cy, cx - 1 : cx + 2].any()
+    state = client.get(f"/api/sessions/{sid}").json()
+    assert state["hand_edits"] == {"painted": 29, "erased": 5}
+    assert len(state["prompts"]) == (2 if prompt == "negative point" else 1)
+
+    state = client.post(f"/api/sessions/{sid}/undo").json()  # exactly the state before
+    assert np.array_equal(_mask(client, sid), before)
+    assert state["prompts"][0]["box"] == [float(v) for v in case.box]
+    assert len(state["prompts"]) == 1
+    assert state["undo"] == f"eraser on slice {z}"
+    client.post(f"/api/sessions/{sid}/redo")
+    assert np.array_equal(_mask(client, sid), after)
+
+    # restore gives the hole back to the model, which has the tumour there
+    state = _edit(client, sid, slice=z, mode="restore", radius=1, points=[[cx, cy]])
+    assert state["hand_edits"] == {"painted": 29, "erased": 0}
+    restored = _mask(client, sid)
+    assert restored[z, cy, cx] == 1
+    assert np.array_equal(restored[z, 2:5, 1:12], after[z, 2:5, 1:12])
+    for _ in range(4):  # restore, prompt, eraser, brush
+        client.post(f"/api/sessions/{sid}/undo")
+    assert np.array_equal(_mask(client, sid), after_box)
+    assert client.get(f"/api/sessions/{sid}").json()["hand_edits"] == {"painted": 0, "erased": 0}
+
+
 def test_export_and_save_keep_the_input_geometry(make_client, data_dir, case):
     client = make_client()
     r = client.post("/api/sessions/open", json={"path": "case/arterial.nii.gz"})
@@ -335,6 +398,17 @@ def test_ssa_review_accept_and_correct(make_client, case):
     corrected = _mask(client, sid)
     changed = np.flatnonzero((corrected != mask).any(axis=(1, 2))).tolist()
     assert set(changed) <= {case.slice}
+    # undoing the SSA run removes its mask and its confidence table; redo brings both back
+    client.post(f"/api/sessions/{sid}/undo")
+    assert np.array_equal(_mask(client, sid), mask)
+    state = client.post(f"/api/sessions/{sid}/undo").json()
+    assert state["review"] == []
+    assert not state["can_undo"]
+    assert state["redo"] == "SSA (plain phase)"
+    assert not _mask(client, sid).any()
+    state = client.post(f"/api/sessions/{sid}/redo").json()
+    assert state["review"] == review
+    assert np.array_equal(_mask(client, sid), mask)
 
 
 def test_page_and_module_are_served(make_client):

@@ -1,6 +1,7 @@
 """End to end in real headless Chromium (Debian's chromium + chromium-driver, driven by
 Selenium with an explicit driver path, so nothing is downloaded): upload a phantom, scroll to
-the tumour, draw a box with the mouse, wait for the overlay, add a point, undo, brush, export.
+the tumour, draw a box with the mouse, wait for the overlay, add a point, undo, brush, export;
+SSA review and its undo; zoom, pan and window/level of the viewer.
 Screenshots of every step go to ``artifacts/web/`` in the repository (git-ignored)."""
 
 from __future__ import annotations
@@ -264,6 +265,9 @@ def test_annotate_in_the_browser(server, browser, data_dir, case):
     assert (brushed == 2).sum() >= 20
     assert (brushed[case.slice, 55, 9:20] == 2).all()
     assert set(np.flatnonzero((brushed == 2).any(axis=(1, 2)))) == {case.slice}
+    assert d.find_element(By.ID, "hand-edits").text == (
+        f"hand edits: {(brushed == 2).sum()} px painted, 0 px erased (kept over new prompts)"
+    )
     _shot(d, "07_brush")
 
     # 7. export: the browser downloads the NIfTI with the input's geometry
@@ -308,3 +312,141 @@ def test_ssa_review_in_the_browser(server, browser):
         assert len(d.find_elements(By.CSS_SELECTOR, "#review tr.rejected")) == len(rejected) - 1
         assert len(d.find_elements(By.CSS_SELECTOR, "#review tr.accepted-by-user")) == 1
         _shot(d, "10_ssa_accepted")
+    # undo back to before the SSA run: its mask and its confidence table go away
+    while d.find_element(By.ID, "undo").is_enabled():
+        v = _version(d)
+        d.find_element(By.ID, "undo").click()
+        _idle_after(d, v, "undo")
+    assert not d.find_element(By.ID, "review-section").is_displayed()
+    assert _js(d, "return window.slidesam.session.review") == []
+    assert _js(d, "return window.slidesam.session.label_slices") == {}
+    assert d.find_element(By.ID, "history-text").text == "redo: SSA (plain phase)"
+    _shot(d, "11_ssa_undone")
+
+
+def _pixel(driver, x: float, y: float) -> list[int]:
+    """RGBA of the canvas pixel at (x, y) canvas pixels."""
+    return _js(
+        driver,
+        "return Array.from(document.getElementById('view').getContext('2d')"
+        f".getImageData({x}, {y}, 1, 1).data)",
+    )
+
+
+def _grey(value: float, window: float, level: float) -> float:
+    """The page's grey value of an image value (app.js ``draw``)."""
+    return min(255.0, max(0.0, (value - (level - window / 2)) / window * 255))
+
+
+def test_viewer_zoom_pan_and_window_level(server, browser, case):
+    base, _app = server
+    d = browser
+    d.get(base + "/")
+    _wait(d, lambda d: d.find_element(By.ID, "files").get_attribute("value"))
+    d.find_element(By.CSS_SELECTOR, '#files option[value="case/arterial.nii.gz"]').click()
+    d.find_element(By.ID, "open-file").click()
+    _wait(
+        d,
+        lambda d: _js(
+            d,
+            "const u = window.slidesam; return u.session && u.session.name === "
+            "'arterial.nii.gz' && !u.session.review.length && u.images.has(u.slice)",
+        ),
+        what="the volume did not open",
+    )
+    image = case.images["arterial"].array[_js(d, "return window.slidesam.slice")]
+    canvas = d.find_element(By.ID, "view")
+    fit = CANVAS / 64
+    assert _js(d, "return window.slidesam.view()") == {
+        "w": 64,
+        "h": 64,
+        "scale": fit,
+        "ox": 0,
+        "oy": 0,
+    }
+    centre = _pixel(d, 283, 283)  # slice pixel (32, 32) at every zoom about the centre
+    assert abs(centre[0] - _grey(float(image[32, 32]), 400, 40)) <= 1  # abdomen window (CT)
+    # a tissue pixel near the top-left corner: grey at fit (the slice fills the canvas)
+    y, x = next((y, x) for y in range(4) for x in range(4) if _grey(image[y, x], 400, 40) > 30)
+    corner = ((x + 0.5) * fit, (y + 0.5) * fit)
+    assert abs(_pixel(d, *corner)[0] - _grey(image[y, x], 400, 40)) <= 1
+
+    # zoom in with the button and Ctrl+wheel: the slice grows about the canvas centre
+    d.find_element(By.ID, "zoom-in").click()
+    view = _js(d, "return window.slidesam.view()")
+    assert view["scale"] == pytest.approx(fit * 1.25)
+    assert view["ox"] == pytest.approx((CANVAS - 64 * fit * 1.25) / 2)
+    from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
+
+    ActionChains(d).key_down(Keys.CONTROL).scroll_from_origin(
+        ScrollOrigin.from_element(canvas), 0, -100
+    ).key_up(Keys.CONTROL).perform()
+    _wait(d, lambda d: _js(d, "return window.slidesam.zoom") > 1.25, 5, "Ctrl+wheel zoom")
+    assert _js(d, "return window.slidesam.zoom") == pytest.approx(1.5)
+    assert _pixel(d, 283, 283) == centre
+    # the corner point now shows the slice pixel the exposed transform says, further in
+    view = _js(d, "return window.slidesam.view()")
+    assert view["ox"] == pytest.approx((CANVAS - 64 * fit * 1.5) / 2)
+    sx = int((corner[0] - view["ox"]) // view["scale"])
+    sy = int((corner[1] - view["oy"]) // view["scale"])
+    assert sx >= x + 9  # (x + 0.5) * 2 / 3 + 10.7 columns in at zoom 1.5
+    assert sy >= y + 9
+    assert abs(_pixel(d, *corner)[0] - _grey(image[sy, sx], 400, 40)) <= 1
+    _shot(d, "12_zoom_in")
+
+    # zoom out below fit: black margins around a smaller slice
+    for _ in range(3):
+        d.find_element(By.ID, "zoom-out").click()
+    assert _js(d, "return window.slidesam.zoom") == pytest.approx(1.5 / 1.25**3)
+    assert _pixel(d, *corner) == [0, 0, 0, 255]  # now in the margin
+    assert _pixel(d, 283, 283) == centre
+    _shot(d, "13_zoom_out")
+
+    # pan with the Pan tool: the picture moves by exactly the drag
+    d.find_element(By.ID, "zoom-fit").click()
+    assert _js(d, "return [window.slidesam.zoom, window.slidesam.pan]") == [1, [0, 0]]
+    d.find_element(By.CSS_SELECTOR, '[data-tool="pan"]').click()
+    before = [_pixel(d, x, y) for x, y in ((150, 200), (300, 300), (420, 380))]
+    assert _pixel(d, 40, 20) != [0, 0, 0, 255]  # slice pixel (4, 2): tissue
+    ActionChains(d).move_to_element(canvas).click_and_hold().move_by_offset(40, 20).move_by_offset(
+        40, 20
+    ).release().perform()
+    assert _js(d, "return window.slidesam.pan") == [80, 40]
+    assert _js(d, "return window.slidesam.view()")["ox"] == 80
+    after = [_pixel(d, x + 80, y + 40) for x, y in ((150, 200), (300, 300), (420, 380))]
+    assert after == before
+    assert _pixel(d, 40, 20) == [0, 0, 0, 255]  # uncovered on the top left
+    _shot(d, "14_pan")
+    d.find_element(By.ID, "zoom-fit").click()
+
+    # window/level: presets, then a right-drag (4 W and 2 L per pixel)
+    wl_text = lambda: d.find_element(By.ID, "wl-value").text  # noqa: E731
+    v = float(image[32, 32])
+    for preset, (w, lev), shot in (
+        ("abdomen", (400, 40), "15_preset_abdomen"),
+        ("bone", (1800, 400), "16_preset_bone"),
+        ("lung", (1500, -600), "17_preset_lung"),
+    ):
+        d.find_element(By.CSS_SELECTOR, f'[data-preset="{preset}"]').click()
+        _wait(d, lambda d, w=w, lev=lev: wl_text() == f"W {w} L {lev}", 5, preset)
+        assert _js(d, "return window.slidesam.wl") == [w, lev]
+        grey = _pixel(d, 283, 283)
+        assert grey[0] == grey[1] == grey[2]
+        assert abs(grey[0] - _grey(v, w, lev)) <= 1, (preset, v, grey)
+        _shot(d, shot)
+    d.find_element(By.CSS_SELECTOR, '[data-preset="abdomen"]').click()
+    _wait(d, lambda d: wl_text() == "W 400 L 40", 5)
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+    from selenium.webdriver.common.actions.mouse_button import MouseButton
+
+    drag = ActionBuilder(d)
+    drag.pointer_action.move_to(canvas).pointer_down(MouseButton.RIGHT).move_by(25, 10).move_by(
+        25, 10
+    ).pointer_up(MouseButton.RIGHT)
+    drag.perform()
+    assert wl_text() == "W 600 L 80"
+    assert _js(d, "return window.slidesam.wl") == [600, 80]
+    grey = _pixel(d, 283, 283)
+    assert abs(grey[0] - _grey(v, 600, 80)) <= 1
+    assert not d.find_element(By.ID, "error").is_displayed()
+    _shot(d, "18_window_level_drag")

@@ -12,6 +12,8 @@ Prompt semantics (the clinical workflow of Slide-SAM App. A):
   ``propagate=False`` predicts only the prompted slice and replaces the object there (manual
   correction of one slice, e.g. an SSA slice that was rejected). Other objects' voxels are never
   overwritten.
+- both replace the object in the model layer only (``Session.model``): brush, eraser and
+  restore strokes (``Session.edits``) stay on top, so hand fixes survive later prompts.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 from slidesam.core import InputError, Volume
 from slidesam.core.prompts import Prompt
 from slidesam.inference.propagation import PropagationConfig, VolumeSegmenter, mask_to_box
-from slidesam.web.state import Session
+from slidesam.web.state import Session, SliceReview
 
 __all__ = ["merge_prompt", "run_segment", "run_ssa_session"]
 
@@ -86,7 +88,7 @@ def run_segment(
     job.encoder_passes = session.predictor.encoder_passes - passes0
     mask = result.labels == label
     with session.lock:
-        new = session.labels.copy()
+        new = session.model.copy()
         if propagate:
             new[new == label] = 0
             new[mask & (new == 0)] = label
@@ -98,7 +100,7 @@ def run_segment(
         kind = "box" if prompt.box is not None else "point"
         where = "propagated" if propagate else "this slice"
         session.apply(
-            f"{kind} on slice {prompt.slice} (label {label}, {where})", new, prompts=prompts
+            f"{kind} on slice {prompt.slice} (label {label}, {where})", model=new, prompts=prompts
         )
 
 
@@ -110,7 +112,8 @@ def run_ssa_session(
     config=None,
 ) -> dict:
     """SSA on the session's volume (the plain phase) with ``arterial``: the tumour becomes
-    label 1 as one undoable action, the per-slice confidence becomes ``session.review``."""
+    label 1 and the per-slice confidence becomes ``session.review``, as one undoable action
+    (undo removes both)."""
     from slidesam.ssa.pipeline import SSAConfig, run_ssa
 
     job = session.job
@@ -131,26 +134,27 @@ def run_ssa_session(
     )
     job.encoder_passes = session.predictor.encoder_passes - passes0
     phase = result.phases["plain"]
-    review = [
-        {
-            "slice": int(r["slice"]),
-            "component": int(r["component"]),
-            "confidence": float(r["confidence"]),
-            "accepted": bool(r["accepted"]),
-            "action": str(r["action"]),
-            "prompt_box": [float(v) for v in r["prompt_box"]],
-        }
+    review = tuple(
+        SliceReview(
+            slice=int(r["slice"]),
+            component=int(r["component"]),
+            confidence=float(r["confidence"]),
+            accepted=bool(r["accepted"]),
+            action=str(r["action"]),
+            prompt_box=tuple(float(v) for v in r["prompt_box"]),
+        )
         for r in sorted(phase.slices, key=lambda r: (r["slice"], r["component"]))
-    ]
+    )
     with session.lock:
-        session.review = review
         new = np.where(phase.mask > 0, np.uint8(1), np.uint8(0)).astype(np.uint8)
-        session.apply("SSA (plain phase)", new, prompts=[], reviewed=frozenset())
+        session.apply(
+            "SSA (plain phase)", model=new, prompts=[], review=review, reviewed=frozenset()
+        )
     log.info(
         "SSA session %s: %d slices, %d rejected, %.1f s",
         session.id[:6],
         len(review),
-        sum(not r["accepted"] for r in review),
+        sum(not r.accepted for r in review),
         time.perf_counter() - t0,
     )
     return {"warnings": result.warnings, "slices": len(review)}

@@ -15,8 +15,8 @@ API (every error is JSON ``{"error": "one line"}`` with a 4xx/5xx status, never 
 ``GET  /api/sessions/{id}/mask/{s}``        slice ``s`` of the label map: uint8 (H, W)
 ``POST /api/sessions/{id}/prompts``         box/points on a slice -> background Slide-SAM job
 ``GET  /api/sessions/{id}/job``             the job's state and progress (the page polls it)
-``POST /api/sessions/{id}/edit``            brush / eraser stroke
-``POST /api/sessions/{id}/undo``, ``redo``  one action back / forward
+``POST /api/sessions/{id}/edit``            brush / eraser / restore stroke (hand-edit layer)
+``POST /api/sessions/{id}/undo``, ``redo``  one action back / forward (layers, prompts, review)
 ``POST /api/sessions/{id}/review``          mark an SSA slice as accepted (undoable)
 ``GET  /api/sessions/{id}/export``          the label map as NIfTI (the image's geometry)
 ``POST /api/sessions/{id}/save``            write ``<image>_mask.nii.gz`` into ``--data-dir``
@@ -65,6 +65,7 @@ from slidesam.web.files import (
     safe_name,
 )
 from slidesam.web.state import (
+    MAX_LABEL,
     Job,
     PinnedPredictor,
     ServerConfig,
@@ -86,7 +87,7 @@ _HEAD = 64 * 1024
 
 class PromptIn(BaseModel):
     slice: int
-    label: int = Field(1, ge=1, le=255)
+    label: int = Field(1, ge=1, le=MAX_LABEL)
     box: list[float] | None = None
     points: list[list[float]] = Field(default_factory=list, max_length=256)
     point_labels: list[int] = Field(default_factory=list, max_length=256)
@@ -95,8 +96,8 @@ class PromptIn(BaseModel):
 
 class EditIn(BaseModel):
     slice: int
-    label: int = Field(1, ge=1, le=255)
-    mode: Literal["brush", "erase"] = "brush"
+    label: int = Field(1, ge=1, le=MAX_LABEL)
+    mode: Literal["brush", "erase", "restore"] = "brush"
     radius: float = 3.0
     points: list[list[float]] = Field(min_length=1, max_length=10_000)
 
@@ -425,11 +426,7 @@ def create_app(
         with session.lock:
             session.check_idle()
             session.paint(
-                body.slice,
-                body.points,
-                label=body.label,
-                radius=body.radius,
-                erase=body.mode == "erase",
+                body.slice, body.points, label=body.label, radius=body.radius, mode=body.mode
             )
             return session.to_dict()
 

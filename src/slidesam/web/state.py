@@ -10,10 +10,18 @@ Axes: the view slices the array along ``axis`` (the axial one, ``slidesam.ssa.bo
 0 for ordinary CT); a slice is the 2D array ``np.take(array, s, axis)`` with x = column and
 y = row, and prompts (``slidesam.core.Prompt``) are in those slice pixels.
 
-History: every action (a prompt and the segmentation it triggers, a brush or eraser stroke, an
-SSA run, a review mark) is one ``HistoryEntry``: the label map before and after, restricted to
-the changed range along axis 0 and zlib-compressed, plus the prompt list and review marks
-before and after. Undo writes "before" back, redo "after"; both are exact.
+Layers: the label map the user sees and exports (``labels``) is the model's label map
+(``model``, what the prompts and SSA produced) with the hand edits (``edits``) laid over it,
+voxel by voxel: ``edits`` is 0 where the model's label stands, ``ERASED`` where the eraser
+cleared the voxel and the label 1..254 the brush painted there. A prompt re-runs only the model
+layer of its object, so brush and eraser work survives new prompts; the restore tool sets
+``edits`` back to 0 and gives those voxels back to the model.
+
+History: every action (a prompt and the segmentation it triggers, a brush, eraser or restore
+stroke, an SSA run, a review mark) is one ``HistoryEntry``: both layers before and after,
+restricted to the changed range along axis 0 and zlib-compressed, plus the prompt list, the SSA
+review table and the review marks before and after. Undo writes "before" back, redo "after";
+both are exact (``labels`` is a function of the two layers).
 
 ``SessionStore`` enforces the limits: at most ``max_sessions`` open sessions and at most
 ``max_memory_mb`` of arrays, history and embeddings in all; sessions idle for
@@ -37,6 +45,8 @@ from slidesam.core import InputError, Volume
 from slidesam.core.prompts import Prompt
 
 __all__ = [
+    "ERASED",
+    "MAX_LABEL",
     "HistoryEntry",
     "Job",
     "PinnedPredictor",
@@ -45,9 +55,16 @@ __all__ = [
     "SessionBusy",
     "SessionLimit",
     "SessionStore",
+    "SliceReview",
+    "compose_labels",
 ]
 
 log = logging.getLogger(__name__)
+
+#: value of ``Session.edits`` where the eraser cleared the voxel
+ERASED = 255
+#: largest object label (255 is ``ERASED`` in the edit layer)
+MAX_LABEL = 254
 
 
 @dataclass(frozen=True)
@@ -129,8 +146,41 @@ class Job:
 
 
 @dataclass(frozen=True)
+class SliceReview:
+    """SSA's verdict on one prompted slice of one tumour component.
+
+    Attributes:
+        slice: index along the view axis; ``component``: the tumour component (1-based).
+        confidence: 0..1; ``accepted``: confidence reached the threshold (tau).
+        action: what a rejected slice became (``stage1``, ``skip``, ...).
+        prompt_box: (x0, y0, x1, y1) inclusive box in slice pixels that prompted Slide-SAM.
+    """
+
+    slice: int
+    component: int
+    confidence: float
+    accepted: bool
+    action: str
+    prompt_box: tuple[float, float, float, float]
+
+    def to_dict(self) -> dict:
+        return {
+            "slice": self.slice,
+            "component": self.component,
+            "confidence": self.confidence,
+            "accepted": self.accepted,
+            "action": self.action,
+            "prompt_box": list(self.prompt_box),
+        }
+
+
+@dataclass(frozen=True)
 class HistoryEntry:
-    """One undoable action (see the module docstring)."""
+    """One undoable action (see the module docstring).
+
+    ``before`` / ``after``: zlib of the uint8 block ``(2, z1 - z0, ...)``: ``model`` and
+    ``edits`` of the changed range ``z0:z1`` along axis 0 (``shape`` is the block's shape).
+    """
 
     description: str
     z0: int
@@ -142,10 +192,20 @@ class HistoryEntry:
     prompts_after: tuple[Prompt, ...]
     reviewed_before: frozenset[int]
     reviewed_after: frozenset[int]
+    review_before: tuple[SliceReview, ...]
+    review_after: tuple[SliceReview, ...]
 
     @property
     def nbytes(self) -> int:
         return len(self.before) + len(self.after)
+
+
+def compose_labels(model: np.ndarray, edits: np.ndarray) -> np.ndarray:
+    """The label map shown: ``model`` where ``edits`` is 0, 0 where it is ``ERASED``, else the
+    painted label. Both uint8, same shape; returns a new uint8 array of that shape."""
+    out = np.where(edits == 0, model, edits)
+    out[edits == ERASED] = 0
+    return out.astype(np.uint8, copy=False)
 
 
 class PinnedPredictor:
@@ -177,24 +237,26 @@ class Session:
 
     Attributes:
         id: random URL-safe token; ``name``: file name shown in the page.
-        volume: the image; ``axis``: slicing axis of the view; ``labels``: uint8 label map,
-            same (z, y, x) shape and grid as ``volume``.
+        volume: the image; ``axis``: slicing axis of the view.
+        model: uint8 label map the prompts (and SSA) produced, same (z, y, x) shape and grid
+            as ``volume``; ``edits``: uint8 hand edits over it (0 none, ``ERASED``, or a
+            painted label); ``labels``: the two composed (``compose_labels``), what the page
+            shows and export writes. All three are made here, empty.
         source: the image file inside ``--data-dir`` it was opened from (None for uploads).
         prompts: the prompts of every object (one per object and slice, merged).
-        review: SSA per-slice records (slice, confidence, accepted, action), if any;
+        review: SSA's per-slice verdicts, if the session came from an SSA run;
             ``reviewed``: slices the user marked as accepted.
-        version: increases with every change of ``labels`` (the page refetches masks).
+        version: increases with every change (the page refetches masks).
     """
 
     id: str
     name: str
     volume: Volume
     axis: int
-    labels: np.ndarray
     predictor: PinnedPredictor | None = None
     source: Path | None = None
     prompts: list[Prompt] = field(default_factory=list)
-    review: list[dict] = field(default_factory=list)
+    review: tuple[SliceReview, ...] = ()
     reviewed: frozenset[int] = frozenset()
     undo_stack: list[HistoryEntry] = field(default_factory=list)
     redo_stack: list[HistoryEntry] = field(default_factory=list)
@@ -203,6 +265,14 @@ class Session:
     max_history: int = 200
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    model: np.ndarray = field(init=False, repr=False)
+    edits: np.ndarray = field(init=False, repr=False)
+    labels: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.model = np.zeros(self.volume.shape, np.uint8)
+        self.edits = np.zeros(self.volume.shape, np.uint8)
+        self.labels = np.zeros(self.volume.shape, np.uint8)
 
     # --- geometry of the view -------------------------------------------------------------
     @property
@@ -239,8 +309,9 @@ class Session:
 
     # --- summaries ------------------------------------------------------------------------
     def nbytes(self) -> int:
-        """Memory held: image (and the predictor's copy), labels, history, embeddings."""
-        total = self.volume.array.nbytes * 2 + self.labels.nbytes
+        """Memory held: image (and the predictor's copy), the three label maps, history,
+        embeddings."""
+        total = self.volume.array.nbytes * 2 + 3 * self.labels.nbytes
         total += sum(e.nbytes for e in self.undo_stack) + sum(e.nbytes for e in self.redo_stack)
         if self.predictor is not None:
             total += self.predictor.embedding_bytes()
@@ -278,13 +349,17 @@ class Session:
             },
             "version": self.version,
             "voxels": {int(v): int(n) for v, n in enumerate(counts) if v and n},
+            "hand_edits": {
+                "painted": int(np.count_nonzero((self.edits != 0) & (self.edits != ERASED))),
+                "erased": int(np.count_nonzero(self.edits == ERASED)),
+            },
             "label_slices": {str(k): v for k, v in self.label_slices().items()},
             "prompts": [_prompt_dict(p) for p in self.prompts],
             "can_undo": bool(self.undo_stack),
             "can_redo": bool(self.redo_stack),
             "undo": self.undo_stack[-1].description if self.undo_stack else None,
             "redo": self.redo_stack[-1].description if self.redo_stack else None,
-            "review": [{**r, "reviewed": r["slice"] in self.reviewed} for r in self.review],
+            "review": [{**r.to_dict(), "reviewed": r.slice in self.reviewed} for r in self.review],
             "job": self.job.to_dict(),
         }
 
@@ -292,28 +367,43 @@ class Session:
     def apply(
         self,
         description: str,
-        labels: np.ndarray | None = None,
         *,
+        model: np.ndarray | None = None,
+        edits: np.ndarray | None = None,
         prompts: list[Prompt] | None = None,
+        review: tuple[SliceReview, ...] | None = None,
         reviewed: frozenset[int] | None = None,
     ) -> HistoryEntry:
-        """Make ``labels`` / ``prompts`` / ``reviewed`` current as one undoable action."""
-        new = self.labels if labels is None else labels
-        if new.shape != self.labels.shape or new.dtype != np.uint8:
-            raise InputError(f"label map must be uint8 {self.labels.shape}, got {new.shape}")
-        changed = np.flatnonzero((new != self.labels).reshape(new.shape[0], -1).any(axis=1))
-        z0, z1 = (int(changed[0]), int(changed[-1]) + 1) if changed.size else (0, 0)
+        """Make the given layers, prompts, review table and marks current as one undoable
+        action; what is None stays as it is."""
+        changed = np.zeros(self.labels.shape[0], bool)
+        for new, old, name in ((model, self.model, "model"), (edits, self.edits, "edits")):
+            if new is None:
+                continue
+            if new.shape != old.shape or new.dtype != np.uint8:
+                raise InputError(f"{name} must be uint8 {old.shape}, got {new.dtype} {new.shape}")
+            changed |= (new != old).reshape(new.shape[0], -1).any(axis=1)
+        new_model = self.model if model is None else model
+        new_edits = self.edits if edits is None else edits
+        rows = np.flatnonzero(changed)
+        z0, z1 = (int(rows[0]), int(rows[-1]) + 1) if rows.size else (0, 0)
+
+        def block(m: np.ndarray, e: np.ndarray) -> bytes:
+            return zlib.compress(np.stack([m[z0:z1], e[z0:z1]]).tobytes(), 1)
+
         entry = HistoryEntry(
             description=description,
             z0=z0,
             z1=z1,
-            shape=tuple(self.labels[z0:z1].shape),
-            before=zlib.compress(np.ascontiguousarray(self.labels[z0:z1]).tobytes(), 1),
-            after=zlib.compress(np.ascontiguousarray(new[z0:z1]).tobytes(), 1),
+            shape=(2, *self.labels[z0:z1].shape),
+            before=block(self.model, self.edits),
+            after=block(new_model, new_edits),
             prompts_before=tuple(self.prompts),
             prompts_after=tuple(self.prompts if prompts is None else prompts),
             reviewed_before=self.reviewed,
             reviewed_after=self.reviewed if reviewed is None else frozenset(reviewed),
+            review_before=self.review,
+            review_after=self.review if review is None else tuple(review),
         )
         self._set(entry, after=True)
         self.undo_stack.append(entry)
@@ -339,33 +429,41 @@ class Session:
 
     def _set(self, entry: HistoryEntry, *, after: bool) -> None:
         data = entry.after if after else entry.before
-        if entry.z1 > entry.z0:
+        z0, z1 = entry.z0, entry.z1
+        if z1 > z0:
             block = np.frombuffer(zlib.decompress(data), np.uint8).reshape(entry.shape)
-            self.labels[entry.z0 : entry.z1] = block
+            self.model[z0:z1] = block[0]
+            self.edits[z0:z1] = block[1]
+            self.labels[z0:z1] = compose_labels(block[0], block[1])
         self.prompts = list(entry.prompts_after if after else entry.prompts_before)
         self.reviewed = entry.reviewed_after if after else entry.reviewed_before
+        self.review = entry.review_after if after else entry.review_before
         self.version += 1
 
     # --- manual edits -----------------------------------------------------------------------
     def paint(
-        self, s: int, points, *, label: int, radius: float, erase: bool = False
+        self, s: int, points, *, label: int = 1, radius: float, mode: str = "brush"
     ) -> HistoryEntry:
-        """Brush (``label``) or eraser (0) stroke through ``points`` ((x, y) slice pixels) with
-        a round tip of ``radius`` pixels on slice ``s``. The eraser clears every label."""
+        """One stroke through ``points`` ((x, y) slice pixels) with a round tip of ``radius``
+        pixels on slice ``s``, recorded in the edit layer: ``brush`` paints ``label``,
+        ``erase`` clears every label, ``restore`` drops the hand edits under the stroke (the
+        model's labels show again)."""
         s = self.check_slice(s)
-        if not 1 <= int(label) <= 255:
-            raise InputError(f"label must be 1..255, got {label}")
+        if mode not in ("brush", "erase", "restore"):
+            raise InputError(f"edit mode must be brush, erase or restore, got {mode!r}")
+        if not 1 <= int(label) <= MAX_LABEL:
+            raise InputError(f"label must be 1..{MAX_LABEL}, got {label}")
         if not 0.5 <= float(radius) <= 200:
             raise InputError(f"brush radius must be 0.5..200 pixels, got {radius}")
         pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
         if len(pts) == 0 or len(pts) > 10_000:
             raise InputError("a stroke needs 1..10000 points [[x, y], ...]")
         stroke = stroke_mask(self.slice_shape, pts, float(radius))
-        new = self.labels.copy()
+        new = self.edits.copy()
         view = np.moveaxis(new, self.axis, 0)[s]  # a view into ``new``
-        view[stroke] = 0 if erase else int(label)
-        what = "eraser" if erase else f"brush (label {label})"
-        return self.apply(f"{what} on slice {s}", new)
+        view[stroke] = {"brush": int(label), "erase": ERASED, "restore": 0}[mode]
+        what = {"brush": f"brush (label {label})", "erase": "eraser", "restore": "restore"}[mode]
+        return self.apply(f"{what} on slice {s}", edits=new)
 
 
 def stroke_mask(shape: tuple[int, int], points: np.ndarray, radius: float) -> np.ndarray:
@@ -439,8 +537,8 @@ class SessionStore:
     ) -> Session:
         """Open a session for ``volume``; closes idle sessions or raises ``SessionLimit``."""
         cfg = self.config
-        # image (+ the predictor's copy), labels, and room for the first history entries
-        need = volume.array.nbytes * 2 + int(np.prod(volume.shape)) * 2
+        # image (+ the predictor's copy), model, edits and labels, and room for history
+        need = volume.array.nbytes * 2 + int(np.prod(volume.shape)) * 4
         with self._lock:
             self._evict_idle(need)
             if len(self._sessions) >= cfg.max_sessions:
@@ -459,7 +557,6 @@ class SessionStore:
                 name=name,
                 volume=volume,
                 axis=int(axis),
-                labels=np.zeros(volume.shape, np.uint8),
                 predictor=predictor,
                 source=source,
                 max_history=cfg.max_history,

@@ -6,6 +6,7 @@
 const COLOURS = [null, [255, 70, 70], [60, 200, 90], [70, 140, 255], [255, 210, 0], [220, 90, 255], [0, 215, 215]];
 const PRESETS = { abdomen: [400, 40], bone: [1800, 400], lung: [1500, -600] };
 const $ = (id) => document.getElementById(id);
+const STROKES = ["brush", "erase", "restore"]; // tools that send an /edit stroke
 
 const ui = {
   session: null, // the server's session dict
@@ -20,6 +21,8 @@ const ui = {
   maskVersion: -1,
   polling: null,
   pending: null, // the prompt being segmented, drawn until the job ends
+  // slice pixel (x, y) -> canvas (ox + x * scale, oy + y * scale); null without a volume
+  view: () => (ui.session ? layout() : null),
 };
 window.slidesam = ui; // for debugging and the end-to-end tests
 
@@ -311,8 +314,8 @@ function draw() {
     ctx.strokeRect(L.ox + Math.min(x0, x1) * L.scale, L.oy + Math.min(y0, y1) * L.scale, Math.abs(x1 - x0) * L.scale, Math.abs(y1 - y0) * L.scale);
     ctx.setLineDash([]);
   }
-  if (d && (d.kind === "brush" || d.kind === "erase")) {
-    ctx.strokeStyle = d.kind === "erase" ? "rgba(255,255,255,.8)" : `rgba(${COLOURS[currentLabel()] || [255, 255, 255]},.9)`;
+  if (d && STROKES.includes(d.kind)) {
+    ctx.strokeStyle = d.kind === "erase" ? "rgba(255,255,255,.8)" : d.kind === "restore" ? "rgba(120,200,255,.6)" : `rgba(${COLOURS[currentLabel()] || [255, 255, 255]},.9)`;
     ctx.lineWidth = 2 * Number($("brush").value) * L.scale;
     ctx.lineCap = "round"; ctx.lineJoin = "round";
     ctx.beginPath();
@@ -351,6 +354,9 @@ function updatePanels() {
     div.append(list);
     objs.append(div);
   }
+  const he = S.hand_edits;
+  $("hand-edits").textContent = he.painted || he.erased
+    ? `hand edits: ${he.painted} px painted, ${he.erased} px erased (kept over new prompts)` : "";
   $("prompts").replaceChildren(...S.prompts.map((p) => {
     const li = document.createElement("li");
     const parts = [];
@@ -405,7 +411,7 @@ canvas.addEventListener("pointerdown", (ev) => {
   if (ev.button === 2) ui.drag = { kind: "wl", x: ev.clientX, y: ev.clientY, wl: ui.wl.slice() };
   else if (ev.button === 1 || ui.tool === "pan") ui.drag = { kind: "pan", x: ev.clientX, y: ev.clientY, pan: ui.pan.slice() };
   else if (ui.tool === "box") ui.drag = { kind: "box", start: p, end: p };
-  else if (ui.tool === "brush" || ui.tool === "erase") ui.drag = { kind: ui.tool, points: [p.map((v) => v - 0.5)] };
+  else if (STROKES.includes(ui.tool)) ui.drag = { kind: ui.tool, points: [p.map((v) => v - 0.5)] };
   else if (ui.tool === "point+" || ui.tool === "point-") {
     const [x, y] = p.map(Math.floor);
     const [h, w] = ui.session.slice_shape;
@@ -438,20 +444,22 @@ canvas.addEventListener("pointerup", (ev) => {
     draw();
     if (box[2] - box[0] < 2 || box[3] - box[1] < 2) { setStatus("box too small: drag a larger box"); return; }
     guarded(() => sendPrompt({ slice: ui.slice, box }));
-  } else if (d.kind === "brush" || d.kind === "erase") {
+  } else if (STROKES.includes(d.kind)) {
     guarded(async () => {
       setSession(await api("POST", `${base()}/edit`, { slice: ui.slice, label: currentLabel(), mode: d.kind, radius: Number($("brush").value), points: d.points }));
-      setStatus(`${d.kind === "erase" ? "erased" : "painted"} on slice ${ui.slice}`);
+      setStatus(`${{ brush: "painted", erase: "erased", restore: "restored the model's labels" }[d.kind]} on slice ${ui.slice}`);
     });
   } else draw();
 });
 canvas.addEventListener("wheel", (ev) => {
   if (!ui.session) return;
   ev.preventDefault();
+  const delta = ev.deltaY || ev.deltaX; // some browsers turn Shift+wheel into a horizontal scroll
+  if (!delta) return;
   if (ev.ctrlKey || ev.shiftKey) {
-    ui.zoom = Math.max(0.25, Math.min(16, ui.zoom * (ev.deltaY < 0 ? 1.2 : 1 / 1.2)));
+    ui.zoom = Math.max(0.25, Math.min(16, ui.zoom * (delta < 0 ? 1.2 : 1 / 1.2)));
     draw();
-  } else goto(ui.slice + (ev.deltaY > 0 ? 1 : -1));
+  } else goto(ui.slice + (delta > 0 ? 1 : -1));
 }, { passive: false });
 
 document.addEventListener("keydown", (ev) => {
@@ -462,7 +470,7 @@ document.addEventListener("keydown", (ev) => {
   else if (key === "arrowup" || key === "pageup") { ev.preventDefault(); goto(ui.slice - 1); }
   else if (key === "arrowdown" || key === "pagedown") { ev.preventDefault(); goto(ui.slice + 1); }
   else if (!ev.ctrlKey && !ev.metaKey) {
-    const tool = { b: "box", p: "point+", n: "point-", r: "brush", e: "erase", h: "pan" }[key];
+    const tool = { b: "box", p: "point+", n: "point-", r: "brush", e: "erase", m: "restore", h: "pan" }[key];
     if (tool) selectTool(tool);
   }
 });
