@@ -109,14 +109,19 @@ def test_cli_cohort_mode_finds_phases_by_suffix(tmp_path, tiny_checkpoint, capsy
     cohort = tmp_path / "cohort"
     cohort.mkdir()
     for name in ("p1", "p2"):
-        _write_case(cohort, name)
-        (cohort / f"{name}_arterial_mask.nii.gz").unlink()  # not a phase file
+        paths, mask = _write_case(cohort, name)
+        mask.unlink()
+        paths["arterial"].rename(cohort / f"{name}_ART.nii.gz")  # the user's own ending
     torch.manual_seed(0)
     config = UNetConfig(channels=(4, 8), strides=(2,), num_res_units=0, patch_size=(16, 32, 32))
     unet = save_unet_checkpoint(build_unet(config), config, tmp_path / "unet.pt")
     argv = ["ssa", "--cohort", str(cohort), "--unet", str(unet)]
     argv += ["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "o"), "--no-progress"]
-    assert main(argv) == 0
+    assert main([*argv, "--suffixes", "plain=_plain,arterial:_ART"]) == 2
+    assert "PHASE=VALUE pairs" in capsys.readouterr().err
+    assert main([*argv, "--channels", "plain=zero"]) == 2
+    assert "'zero' is not a valid value" in capsys.readouterr().err
+    assert main([*argv, "--suffixes", "plain=_plain,arterial=_ART"]) == 0
     assert "2 case(s): 2 ok" in capsys.readouterr().out
     for name in ("p1", "p2"):
         assert (tmp_path / "o" / name / REPORT).is_file()

@@ -216,6 +216,52 @@ def test_channels_layout(phantom, tmp_path):
         assert np.all(out.reshape(-1)[outside] == -1024)
 
 
+def test_channel_datasets_are_read_back_as_phase_cases(phantom, tmp_path):
+    """The channels layout, read as a cohort: by its channel_phases, or by an explicit map
+    (e.g. a user's own nnU-Net dataset whose channels are all called CT)."""
+    export_nnunet(phantom, tmp_path / "raw", layout="channels", progress=False)
+    folder = tmp_path / "raw" / "Dataset510_RenalCT"
+    for where in (folder, tmp_path / "raw"):
+        if where != folder:  # our exports are skipped as sources inside a parent folder
+            with pytest.raises(InputError, match="no cases found"):
+                find_phase_cases(where)
+            continue
+        cases = find_phase_cases(where)
+        assert [c.case_id for c in cases] == ["case_00000", "case_00001"]
+        c0 = cases[0]
+        assert c0.images == {
+            p: folder / "imagesTr" / f"case_00000_000{i}.nii.gz" for i, p in enumerate(PHASES)
+        }
+        assert c0.labels == dict.fromkeys(PHASES, folder / "labelsTr" / "case_00000.nii.gz")
+    two = find_phase_cases(folder, channels={"arterial": 1, "plain": 0})
+    assert two[1].images == {
+        "arterial": folder / "imagesTr" / "case_00001_0001.nii.gz",
+        "plain": folder / "imagesTr" / "case_00001_0000.nii.gz",
+    }
+    with pytest.raises(InputError, match=r"only 3 channels \(0..2\), but channels \{'venous': 5\}"):
+        find_phase_cases(folder, channels={"arterial": 1, "venous": 5})
+    with pytest.raises(InputError, match="two phases share a channel"):
+        find_phase_cases(folder, channels={"arterial": 1, "plain": 1})
+    (folder / "imagesTr" / "case_00001_0002.nii.gz").unlink()
+    with pytest.raises(
+        InputError, match=r"case_00001_0002.nii.gz: missing \(channel 2, the venous"
+    ):
+        find_phase_cases(folder)
+
+
+def test_phase_suffixes_can_be_mapped(file_cohort):
+    for p in file_cohort.glob("p*_*"):
+        p.rename(p.with_name(p.name.replace("_plain", "_nc").replace("_arterial", "-art")))
+    cases = find_phase_cases(file_cohort, suffixes={"plain": "_nc", "arterial": "-art"})
+    assert cases[0].images == {
+        "plain": file_cohort / "p0_nc.nii.gz",
+        "arterial": file_cohort / "p0-art.nii.gz",
+    }
+    assert cases[0].labels == {"plain": file_cohort / "p0_nc_seg.nii.gz"}
+    with pytest.raises(InputError, match="distinct phases"):
+        find_phase_cases(file_cohort, suffixes={"plain": "_nc", "arterial": "_nc"})
+
+
 def test_per_phase_layout(phantom, tmp_path):
     summary = export_nnunet(
         phantom, tmp_path / "raw", layout="per-phase", dataset_id=530, name="Kid", progress=False

@@ -25,8 +25,11 @@ stage1_arterial.nii.gz, overlay_<phase>.png, ssa_report.json (boxes in voxels an
 registration, per-slice confidence and accept/reject, timings).
 
 Cohort: --cohort FOLDER with files CASE_plain.nii.gz, CASE_arterial.nii.gz,
-CASE_venous.nii.gz (or the dataset folders written by 'slidesam phantom'); one output folder
-per case; finished cases are skipped; --part-id/--num-parts split the work.
+CASE_venous.nii.gz (other endings: --suffixes plain=_nc,arterial=_art), or the dataset folders
+written by 'slidesam phantom', or an nnU-Net dataset with one channel per phase
+(CASE_0000.nii.gz, CASE_0001.nii.gz...: --channels plain=0,arterial=1,venous=2, or read from
+its dataset.json "channel_phases" as 'slidesam nnunet-export --layout channels' writes). One
+output folder per case; finished cases are skipped; --part-id/--num-parts split the work.
 """
 
 
@@ -41,6 +44,17 @@ def register(sub) -> None:
     p.add_argument("--arterial", type=Path, help="arterial image or DICOM folder")
     p.add_argument("--venous", type=Path, help="venous image or DICOM folder (optional)")
     p.add_argument("--cohort", type=Path, help="folder of cases (instead of the phase files)")
+    p.add_argument(
+        "--suffixes",
+        metavar="PHASE=SUFFIX,...",
+        help="cohort: file endings of the phases (default plain=_plain,arterial=_arterial,"
+        "venous=_venous)",
+    )
+    p.add_argument(
+        "--channels",
+        metavar="PHASE=INDEX,...",
+        help="cohort: nnU-Net channel of each phase, e.g. plain=0,arterial=1,venous=2",
+    )
     p.add_argument("--out", type=Path, required=True, help="output folder")
     s1 = p.add_argument_group("stage 1 (default: the embedded U-Net)")
     s1.add_argument("--arterial-mask", type=Path, help="use this arterial tumor mask")
@@ -101,10 +115,15 @@ def run(args: argparse.Namespace) -> int:
     if args.cohort is not None:
         if phases or args.arterial_mask is not None:
             raise InputError("--cohort replaces --plain/--arterial/--venous/--arterial-mask")
-        from slidesam.stage1.export import find_phase_cases
+        from slidesam.stage1.export import DEFAULT_SUFFIXES, find_phase_cases
 
-        cases = [(c.case_id, c.images) for c in find_phase_cases(args.cohort)]
+        suffixes = _pairs(args.suffixes, "--suffixes", str) if args.suffixes else DEFAULT_SUFFIXES
+        channels = _pairs(args.channels, "--channels", int) if args.channels else None
+        found = find_phase_cases(args.cohort, suffixes, channels=channels)
+        cases = [(c.case_id, c.images) for c in found]
     else:
+        if args.suffixes or args.channels:
+            raise InputError("--suffixes and --channels go with --cohort")
         if "arterial" not in phases:
             raise InputError("give --arterial (and --plain, --venous), or --cohort")
         for name, path in phases.items():
@@ -152,3 +171,21 @@ def run(args: argparse.Namespace) -> int:
     failed = [s for s in status if s[1].startswith("failed")]
     print(f"{len(status)} case(s): {len(status) - len(failed)} ok, {len(failed)} failed")
     return 1 if failed else 0
+
+
+def _pairs(text: str, option: str, cast) -> dict:
+    """``"plain=_nc,arterial=_art"`` -> {"plain": "_nc", "arterial": "_art"} (values cast)."""
+    out = {}
+    for item in text.split(","):
+        phase, sep, value = item.partition("=")
+        phase = phase.strip().lower()
+        if not sep or phase not in ("plain", "arterial", "venous") or not value.strip():
+            raise InputError(
+                f"{option} {text!r}: give PHASE=VALUE pairs separated by commas, phases plain, "
+                "arterial, venous"
+            )
+        try:
+            out[phase] = cast(value.strip())
+        except ValueError:
+            raise InputError(f"{option} {text!r}: {value!r} is not a valid value") from None
+    return out

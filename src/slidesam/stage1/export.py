@@ -9,7 +9,12 @@ Inputs (found by :func:`find_phase_cases`):
 - a folder of files ``CASE_plain.nii.gz``, ``CASE_arterial.nii.gz``, ``CASE_venous.nii.gz``
   (directly or in ``images/``), with optional label maps ``CASE_<phase>_seg.nii.gz`` beside
   them or ``labels/CASE_<phase>.nii.gz`` (also ``labels/CASE_<phase>_seg.nii.gz``). NIfTI, NRRD
-  and MetaImage files are read.
+  and MetaImage files are read. Other suffixes: ``suffixes={"plain": "_nc", ...}``;
+- an nnU-Net raw dataset with **one channel per phase** (``CASE_0000.nii.gz`` = plain,
+  ``CASE_0001.nii.gz`` = arterial, ...): the channel of each phase comes from ``channels``
+  (``{"plain": 0, "arterial": 1}``) or from the dataset's ``"channel_phases"`` (what the
+  ``channels`` layout below writes); its label map belongs to every phase (one grid). Pass the
+  dataset folder itself, or a folder holding it.
 
 Layouts written by :func:`export_nnunet` under ``out_dir`` (use it as ``nnUNet_raw``):
 
@@ -101,17 +106,27 @@ class PhaseCase:
     labels: dict[str, Path] = field(default_factory=dict)
 
 
-def _phase_names(suffixes: Sequence[str]) -> list[str]:
+def _phase_suffixes(suffixes: Sequence[str] | Mapping[str, str]) -> tuple[list[str], list[str]]:
+    """(suffixes, phase names): a list names each phase by its suffix (``_plain`` -> plain), a
+    mapping gives them (``{"plain": "_nc"}``)."""
     if isinstance(suffixes, str) or not suffixes:
         raise InputError(f"suffixes must be a list like {DEFAULT_SUFFIXES}, got {suffixes!r}")
-    names = [str(s).lstrip("_-.").lower() for s in suffixes]
-    if not all(names) or len(set(names)) != len(names):
+    if isinstance(suffixes, Mapping):
+        names = [str(p).lower() for p in suffixes]
+        suffixes = [str(s) for s in suffixes.values()]
+    else:
+        suffixes = [str(s) for s in suffixes]
+        names = [s.lstrip("_-.").lower() for s in suffixes]
+    if not all(names) or len(set(names)) != len(names) or len(set(suffixes)) != len(suffixes):
         raise InputError(f"suffixes must name distinct phases, got {tuple(suffixes)}")
-    return names
+    return suffixes, names
 
 
 def find_phase_cases(
-    folder: str | Path, suffixes: Sequence[str] = DEFAULT_SUFFIXES
+    folder: str | Path,
+    suffixes: Sequence[str] | Mapping[str, str] = DEFAULT_SUFFIXES,
+    *,
+    channels: Mapping[str, int] | None = None,
 ) -> list[PhaseCase]:
     """The cases of a multi-phase cohort folder, sorted by case id.
 
@@ -119,7 +134,10 @@ def find_phase_cases(
         folder: a folder of nnU-Net raw datasets, one per phase (``slidesam phantom`` output), or
             a folder of ``CASE<suffix>.<ext>`` files (see the module docstring).
         suffixes: file name endings that mark the phases; the phase is the suffix without its
-            leading ``_``: ``("_plain", "_arterial", "_venous")`` -> plain, arterial, venous.
+            leading ``_``: ``("_plain", "_arterial", "_venous")`` -> plain, arterial, venous;
+            or a mapping phase -> suffix, ``{"plain": "_nc", "arterial": "_art"}``.
+        channels: for nnU-Net datasets with several channels: phase -> channel index
+            (default: the dataset's ``"channel_phases"``).
 
     Returns:
         One :class:`PhaseCase` per case. Every case has the same phases: those found in the
@@ -132,16 +150,22 @@ def find_phase_cases(
     root = Path(folder)
     if not root.is_dir():
         raise InputError(f"{root}: no such folder; pass the cohort folder")
-    phases = _phase_names(suffixes)
-    datasets = [
-        d
-        for d in sorted(root.iterdir())
-        if d.is_dir() and d.name.startswith("Dataset") and (d / "dataset.json").is_file()
-    ]
-    if datasets:
-        found = _cases_from_datasets(root, datasets, phases)
+    suffixes, phases = _phase_suffixes(suffixes)
+    if channels is not None:
+        channels = _check_channels(channels)
+        phases = list(channels)
+    if (root / "dataset.json").is_file():  # a dataset folder itself: read even our exports
+        found = _cases_from_datasets(root, [root], phases, channels, own=True)
     else:
-        found = _cases_from_files(root, list(suffixes), phases)
+        datasets = [
+            d
+            for d in sorted(root.iterdir())
+            if d.is_dir() and d.name.startswith("Dataset") and (d / "dataset.json").is_file()
+        ]
+        if datasets:
+            found = _cases_from_datasets(root, datasets, phases, channels)
+        else:
+            found = _cases_from_files(root, suffixes, phases)
     if not found:
         raise InputError(
             f"{root}: no cases found; expected nnU-Net datasets with one phase each (slidesam "
@@ -180,24 +204,73 @@ def _dataset_phase(folder: Path, ds: dict, phases: list[str]) -> str | None:
     return matches[0] if len(matches) == 1 else None
 
 
-def _cases_from_datasets(root: Path, datasets: list[Path], phases: list[str]) -> dict:
+def _check_channels(channels: Mapping[str, int]) -> dict[str, int]:
+    if isinstance(channels, str) or not isinstance(channels, Mapping) or not channels:
+        raise InputError(f"channels must map phases to indices (plain=0,arterial=1): {channels}")
+    out = {}
+    for phase, index in channels.items():
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= 9999:
+            raise InputError(f"channel of phase {phase!r} must be an index 0..9999, got {index!r}")
+        out[str(phase).lower()] = index
+    if len(set(out.values())) != len(out):
+        raise InputError(f"two phases share a channel: {dict(channels)}")
+    return out
+
+
+def _channel_phases(folder: Path, ds: dict, n: int, phases: list[str], given) -> dict[str, int]:
+    """phase -> channel index of a dataset with ``n`` channels ({} if it names no phase)."""
+    if given is not None:
+        mapping = dict(given)
+    else:
+        named = ds.get("channel_phases") or {}
+        mapping = {
+            str(p).lower(): int(i)
+            for i, p in named.items()
+            if str(i).isdigit() and str(p).lower() in phases
+        }
+    too_high = {p: i for p, i in mapping.items() if i >= n}
+    if too_high:
+        raise InputError(f"{folder}: only {n} channels (0..{n - 1}), but channels {too_high}")
+    return mapping
+
+
+def _cases_from_datasets(
+    root: Path,
+    datasets: list[Path],
+    phases: list[str],
+    channels: Mapping[str, int] | None = None,
+    *,
+    own: bool = False,
+) -> dict:
     cases: dict[str, PhaseCase] = {}
     by_phase: dict[str, Path] = {}
     for folder in datasets:
-        if (folder / EXPORT_MANIFEST).is_file():
+        if (folder / EXPORT_MANIFEST).is_file() and not own:
             log.debug("%s: written by nnunet-export, not a source; skipped", folder)
             continue
         try:
             ds = json.loads((folder / "dataset.json").read_text())
         except (OSError, ValueError) as exc:
             raise InputError(f"{folder / 'dataset.json'}: unreadable ({exc})") from None
-        phase = _dataset_phase(folder, ds if isinstance(ds, dict) else {}, phases)
+        ds = ds if isinstance(ds, dict) else {}
+        names = ds.get("channel_names") or ds.get("modality") or {"0": "CT"}
+        if len(names) > 1 or channels is not None:
+            mapping = _channel_phases(folder, ds, len(names), phases, channels)
+            if not mapping:
+                log.info("%s: %d channels, none named a phase; skipped", folder, len(names))
+                continue
+            for phase in mapping:
+                if phase in by_phase:
+                    raise InputError(
+                        f"{root}: two datasets for the {phase} phase: {by_phase[phase].name} "
+                        f"and {folder.name}; keep one"
+                    )
+                by_phase[phase] = folder
+            _add_channel_cases(cases, folder, str(ds.get("file_ending", _FILE_ENDING)), mapping)
+            continue
+        phase = _dataset_phase(folder, ds, phases)
         if phase is None:
             log.info("%s: no phase among %s in its name or dataset.json; skipped", folder, phases)
-            continue
-        channels = ds.get("channel_names") or ds.get("modality") or {"0": "CT"}
-        if len(channels) != 1:
-            log.info("%s: %d channels, not one phase per dataset; skipped", folder, len(channels))
             continue
         if phase in by_phase:
             raise InputError(
@@ -217,6 +290,26 @@ def _cases_from_datasets(root: Path, datasets: list[Path], phases: list[str]) ->
                 if split == "imagesTr" and label.is_file():
                     case.labels[phase] = label
     return cases
+
+
+def _add_channel_cases(
+    cases: dict[str, PhaseCase], folder: Path, ending: str, mapping: dict[str, int]
+) -> None:
+    """Cases of a dataset with a channel per phase; its label map goes to every phase."""
+    for split in ("imagesTr", "imagesTs"):
+        for first in sorted((folder / split).glob(f"*_0000{ending}")):
+            cid = first.name[: -len(f"_0000{ending}")]
+            if cid in cases:
+                raise InputError(f"{folder}: case {cid} found twice")
+            case = cases[cid] = PhaseCase(cid)
+            for phase, index in mapping.items():
+                path = folder / split / f"{cid}_{index:04d}{ending}"
+                if not path.is_file():
+                    raise InputError(f"{path}: missing (channel {index}, the {phase} phase)")
+                case.images[phase] = path
+            label = folder / "labelsTr" / f"{cid}{ending}"
+            if split == "imagesTr" and label.is_file():
+                case.labels.update(dict.fromkeys(mapping, label))
 
 
 def _cases_from_files(root: Path, suffixes: list[str], phases: list[str]) -> dict:
