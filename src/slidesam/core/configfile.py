@@ -178,6 +178,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             if len(value) == len(args):
                 pairs = enumerate(zip(value, args, strict=True))
                 return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in pairs)
+    elif hint is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
     elif is_dataclass(hint) or hint is typing.Any:
         return value
     raise InputError(f"{where} must be {_describe(hint)}, got {value!r}")
@@ -191,9 +194,10 @@ def _describe(hint: Any) -> str:
         if len(args) == 2 and args[1] is Ellipsis:
             return f"a list of {_describe(args[0])}"
         return f"a list of {len(args)} {_describe(args[0])}"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
-        hint, str(hint)
-    )
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+    if hint is dict or origin is dict:
+        return "a mapping"
+    return names.get(hint, str(hint))
 
 
 def _kind(value: Any) -> str:
