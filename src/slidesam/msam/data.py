@@ -8,15 +8,15 @@ for every pipeline of the package.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from slidesam.core import Geometry, InputError, Volume
+from slidesam.core import Geometry, Volume
 from slidesam.data.io import read_image, read_label
 from slidesam.msam.config import PreprocessConfig
+from slidesam.stage1.train import find_cases as stage1_cases
 from slidesam.stage1.unet import network_geometry, resample
 
 __all__ = [
@@ -115,29 +115,6 @@ def load_case(
 
 
 def find_cases(folder: str | Path) -> list[tuple[str, Path, Path]]:
-    """(case id, image, label) of an nnU-Net raw dataset folder, sorted by name."""
-    folder = Path(folder)
-    images, labels = folder / "imagesTr", folder / "labelsTr"
-    if not images.is_dir() or not labels.is_dir():
-        raise InputError(
-            f"{folder}: not an nnU-Net raw dataset (needs imagesTr/ and labelsTr/); make one "
-            "with 'slidesam phantom' and pass its Dataset*/ folder"
-        )
-    ending = ".nii.gz"
-    meta = folder / "dataset.json"
-    if meta.is_file():
-        try:
-            ending = str(json.loads(meta.read_text()).get("file_ending", ending))
-        except ValueError:
-            raise InputError(f"{meta}: not readable JSON") from None
-    suffix = "_0000" + ending
-    out = []
-    for image in sorted(images.glob("*" + suffix)):
-        case = image.name[: -len(suffix)]
-        label = labels / (case + ending)
-        if not label.is_file():
-            raise InputError(f"{image}: no label file {label}")
-        out.append((f"{folder.name}/{case}", image, label))
-    if not out:
-        raise InputError(f"{images}: no images named <case>_0000{ending}")
-    return out
+    """(case id, image, label) of an nnU-Net raw dataset folder, sorted by name (the stage-1
+    trainer's reader: ``slidesam.stage1.train.find_cases``)."""
+    return [(c.case_id, c.image, c.label) for c in stage1_cases(folder)]

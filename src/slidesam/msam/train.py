@@ -48,6 +48,7 @@ from slidesam.msam.clicks import centre_click
 from slidesam.msam.config import MSamTrainConfig
 from slidesam.msam.data import WorkCase, crop_or_pad, find_cases, flip, load_case
 from slidesam.msam.refine import refine, upsample
+from slidesam.stage1.train import split_cases
 
 __all__ = ["evaluate_cases", "make_loss", "sample_batch", "train_msam"]
 
@@ -163,14 +164,7 @@ def train_msam(config: MSamTrainConfig, *, progress: bool = True) -> Path:
     except RuntimeError:
         raise InputError(f"run.device {run.device!r} is not a torch device") from None
     files = [c for folder in config.data.folders for c in find_cases(folder)]
-    if config.data.val_cases >= len(files):
-        raise InputError(
-            f"data.val_cases is {config.data.val_cases} but the data hold {len(files)} case(s); "
-            "leave at least one for training"
-        )
-    split = np.random.default_rng([run.seed, 0]).permutation(len(files))
-    val_files = [files[i] for i in sorted(split[: config.data.val_cases])]
-    train_files = [files[i] for i in sorted(split[config.data.val_cases :])]
+    train_files, val_files = split_cases(files, config.data.val_cases, run.seed)
     out = Path(run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config.save(out / "config.yaml")

@@ -79,6 +79,7 @@ __all__ = [
     "UNetTrainConfig",
     "find_cases",
     "load_unet_train_config",
+    "split_cases",
     "train_unet",
 ]
 
@@ -376,6 +377,21 @@ def find_cases(folder: str | Path, *, phase: str | None = None) -> list[CaseFile
     return cases
 
 
+def split_cases(files: list, val_cases: int, seed: int) -> tuple[list, list]:
+    """(training, validation) cases: ``val_cases`` drawn with ``seed``, both in input order."""
+    if val_cases >= len(files):
+        raise InputError(
+            f"data.val_cases is {val_cases} but the data hold only {len(files)} case(s); "
+            "leave at least one for training"
+        )
+    split = np.random.default_rng([seed, 0]).permutation(len(files))
+    val = set(int(i) for i in split[:val_cases])
+    return (
+        [f for i, f in enumerate(files) if i not in val],
+        [f for i, f in enumerate(files) if i in val],
+    )
+
+
 @dataclass
 class _Case:
     """A training case on its network grid, padded to at least one patch."""
@@ -502,14 +518,7 @@ def train_unet(config: UNetTrainConfig, *, progress: bool = True) -> Path:
     except RuntimeError:
         raise InputError(f"run.device {run.device!r} is not a torch device") from None
     files = [c for folder in config.data.folders for c in find_cases(folder, phase=mcfg.phase)]
-    if config.data.val_cases >= len(files):
-        raise InputError(
-            f"data.val_cases is {config.data.val_cases} but the data hold only {len(files)} "
-            "case(s); leave at least one for training"
-        )
-    split = np.random.default_rng([run.seed, 0]).permutation(len(files))
-    val_files = [files[i] for i in sorted(split[: config.data.val_cases])]
-    train_files = [files[i] for i in sorted(split[config.data.val_cases :])]
+    train_files, val_files = split_cases(files, config.data.val_cases, run.seed)
 
     out = Path(run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
