@@ -88,7 +88,7 @@ def _config(tmp_path: Path, cohort: Path, epochs: int) -> Path:
 
 def test_cli_train_resume_and_predict(tmp_path, cohort, capsys):
     cfg = _config(tmp_path, cohort, epochs=2)
-    assert main(["msam", "train", str(cfg), "--no-progress"]) == 0
+    assert main(["msam", "train", "--config", str(cfg), "--no-progress"]) == 0
     run = tmp_path / "run"
     rows = (run / "log.csv").read_text().splitlines()
     assert len(rows) == 3
@@ -98,7 +98,7 @@ def test_cli_train_resume_and_predict(tmp_path, cohort, capsys):
     data["optim"]["epochs"] = 3
     data["run"]["resume"] = True
     cfg.write_text(yaml.safe_dump(data))
-    assert main(["msam", "train", str(cfg), "--no-progress"]) == 0
+    assert main(["msam", "train", "--config", str(cfg), "--no-progress"]) == 0
     resumed = (run / "log.csv").read_text().splitlines()
     assert resumed[:3] == rows
     assert resumed[3].startswith("3,6,")
@@ -129,7 +129,7 @@ def test_cli_train_resume_and_predict(tmp_path, cohort, capsys):
 def test_cli_errors_are_one_line(tmp_path, cohort, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: {folders: [x]}\noptim: {lr: fast}\n")
-    assert main(["msam", "train", str(bad)]) == 2
+    assert main(["msam", "train", "--config", str(bad)]) == 2
     assert "bad.yaml: optim.lr must be a number" in capsys.readouterr().err
     image_path = sorted((cohort / "imagesTr").glob("*.nii.gz"))[0]
     prompts = tmp_path / "p.json"

@@ -19,7 +19,7 @@ _DESCRIPTION = """\
 M-SAM (Shi et al.): a SAM-Med3D-shaped 3D SAM whose image embedding is fused with the mask
 embedding by a Mask-Enhanced Adapter, refining its own mask over several passes.
 
-  slidesam msam train CONFIG.yaml [--out-dir DIR]
+  slidesam msam train --config CONFIG.yaml [--out DIR]
   slidesam msam predict --model best.pt --image ct.nii.gz --prompts prompts.json --out mask.nii.gz
 
 prompts.json (as for 'slidesam segment'; points are clicks, a box becomes a click at its centre
@@ -40,8 +40,12 @@ def register(sub) -> None:
     actions = p.add_subparsers(dest="msam_command", metavar="ACTION", required=True)
 
     t = actions.add_parser("train", help="train from a YAML config")
-    t.add_argument("config", type=Path, help="YAML config (sections in docs/msam.md)")
-    t.add_argument("--out-dir", type=Path, help="run folder (overrides run.out_dir)")
+    t.add_argument(
+        "--config", required=True, type=Path, help="YAML config (sections in docs/msam.md)"
+    )
+    t.add_argument(
+        "--out", "--out-dir", dest="out_dir", type=Path, help="run folder (overrides run.out_dir)"
+    )
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=run)
 
@@ -61,7 +65,7 @@ def register(sub) -> None:
     )
     q.add_argument("--overlap", type=float, default=0.5, help="tile overlap fraction (default 0.5)")
     q.add_argument("--max-tiles", type=int, default=27, help="tiles per object at most")
-    q.add_argument("--device", default="cpu")
+    q.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
     q.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     q.set_defaults(func=run)
 
