@@ -28,7 +28,7 @@ import yaml
 
 from slidesam.core.errors import InputError
 
-__all__ = ["SectionedConfig", "plain", "read_yaml"]
+__all__ = ["SectionedConfig", "from_mapping", "plain", "read_yaml"]
 
 
 class SectionedConfig:
@@ -63,7 +63,11 @@ class SectionedConfig:
         for name, value in data.items():
             if not isinstance(value, dict):
                 raise InputError(f"section '{name}' must be a mapping of keys, got {_kind(value)}")
-        problems = [p for name, value in data.items() if (p := _unknown(hints[name], value, name))]
+        problems = [
+            p
+            for name, value in data.items()
+            if (p := _unknown(hints[name], value, f"section '{name}'"))
+        ]
         if problems:
             raise InputError("; ".join(problems))
         return cls(
@@ -107,6 +111,25 @@ def read_yaml(path: str | Path) -> Any:
         raise InputError(f"{path}: not valid YAML ({first})") from None
 
 
+def from_mapping(cls: type, data: Any, what: str):
+    """``cls(**data)`` for a flat dataclass: anything but a mapping, or keys ``cls`` lacks, are an
+    ``InputError`` naming them and the valid ones; lists become tuples; the dataclass's own
+    ``__post_init__`` checks the values."""
+    if not isinstance(data, dict):
+        raise InputError(f"{what} must be a mapping of keys, got {_kind(data)}")
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(str(k) for k in data if k not in known)
+    if unknown:
+        raise InputError(
+            f"unknown key(s) in {what}: {', '.join(unknown)} (valid: {', '.join(known)})"
+        )
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise InputError(f"{what}: {exc}") from None
+
+
 def plain(value: Any) -> Any:
     """Tuples to lists, recursively (what ``yaml.safe_dump`` and JSON write)."""
     if isinstance(value, dict):
@@ -119,13 +142,13 @@ def plain(value: Any) -> Any:
 # ----------------------------------------------------------------------------------------------
 # checking plain data against the dataclasses' annotations
 # ----------------------------------------------------------------------------------------------
-def _unknown(cls: type, value: dict, name: str) -> str | None:
+def _unknown(cls: type, value: dict, where: str) -> str | None:
     """The message naming the keys of ``value`` that ``cls`` lacks, or None."""
     known = [f.name for f in fields(cls)]
     unknown = sorted(str(k) for k in value if k not in known)
     if not unknown:
         return None
-    return f"unknown key(s) in section '{name}': {', '.join(unknown)} (valid: {', '.join(known)})"
+    return f"unknown key(s) in {where}: {', '.join(unknown)} (valid: {', '.join(known)})"
 
 
 def _section(cls: type, value: dict, name: str, coerce: bool):

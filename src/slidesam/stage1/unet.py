@@ -28,7 +28,7 @@ import importlib.resources
 import itertools
 import logging
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from scipy import ndimage
 from torch import nn
 
 from slidesam.core import KITS_LABELS, PHASES, Geometry, InputError, Volume
-from slidesam.core.configfile import plain
+from slidesam.core.configfile import from_mapping, plain
 from slidesam.data.io import to_sitk
 from slidesam.inference.checkpoint import load_strict, read_checkpoint
 
@@ -101,19 +101,6 @@ def _as_seq(value: Any, name: str, length: int | None = None) -> tuple:
     if length is not None and len(value) != length:
         raise InputError(f"{name} must have {length} values, got {list(value)!r}")
     return tuple(value)
-
-
-def _from_mapping(cls: type, data: Any, where: str):
-    """``cls(**data)`` after refusing anything but a mapping with ``cls``'s field names."""
-    if not isinstance(data, dict):
-        raise InputError(f"{where} must be a mapping of keys, got {type(data).__name__}")
-    names = [f.name for f in fields(cls)]
-    unknown = sorted(str(k) for k in data if k not in names)
-    if unknown:
-        raise InputError(
-            f"unknown key(s) in {where}: {', '.join(unknown)} (valid: {', '.join(names)})"
-        )
-    return cls(**data)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,7 +242,7 @@ class UNetConfig:
     @classmethod
     def from_dict(cls, data: Any, where: str = "U-Net config") -> UNetConfig:
         """Build from plain data; unknown keys are an ``InputError`` that names them."""
-        return _from_mapping(cls, data, where)
+        return from_mapping(cls, data, where)
 
 
 def build_unet(config: UNetConfig) -> nn.Module:
