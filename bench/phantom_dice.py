@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1000, help="cohort seed (not a training seed)")
     ap.add_argument("--phases", nargs="+", default=["plain", "arterial", "venous"])
     ap.add_argument("--steps", nargs="+", type=int, default=[3, 1])
+    ap.add_argument("--iou-thresh", type=float, default=0.4, help="stop rule (paper: 0.4)")
+    ap.add_argument("--stability-thresh", type=float, default=0.6, help="stop rule (0.6)")
     args = ap.parse_args()
     model = load_any(args.checkpoint)
     predictor = slidesam.SlideSAMPredictor(model)
@@ -48,13 +50,17 @@ def main() -> None:
             image, labels = case.phases[phase], case.labels[phase].array
             prompt = tumor_prompt(labels)
             for step in args.steps:
-                seg = VolumeSegmenter(predictor, PropagationConfig(step=step))
+                config = PropagationConfig(
+                    step=step, iou_thresh=args.iou_thresh, stability_thresh=args.stability_thresh
+                )
+                seg = VolumeSegmenter(predictor, config)
                 result = seg.segment(image, [prompt])
                 score = binary_scores(result.labels > 0, labels == 2, spacing=image.spacing)
                 dice.setdefault((phase, step), []).append(score.dice)
     print(
         f"checkpoint {args.checkpoint or 'embedded default'}: {args.cases} new phantom cases "
-        f"(seed {args.seed}), GT box on the largest tumor slice, {time.perf_counter() - t0:.0f} s"
+        f"(seed {args.seed}), GT box on the largest tumor slice, stop below predicted IoU "
+        f"{args.iou_thresh} / stability {args.stability_thresh}, {time.perf_counter() - t0:.0f} s"
     )
     for (phase, step), values in dice.items():
         v = np.asarray(values)
