@@ -90,3 +90,59 @@ def test_empty_dataset_is_an_error(tmp_path):
         find_cases(tmp_path)
     with pytest.raises(InputError, match="no such dataset folder"):
         find_cases(tmp_path / "nope")
+
+
+@pytest.mark.parametrize(
+    ("factor", "shift", "expected"),
+    [
+        # mean of [0, 100, 200, 255] = 138.75; mean + factor * (g - mean) + shift, clipped
+        (1.0, 0.0, [[0, 100], [200, 255]]),
+        (2.0, 10.0, [[0, 71], [255, 255]]),
+        (0.5, -20.0, [[49, 99], [149, 177]]),
+    ],
+)
+def test_contrast_jitter_values(factor, shift, expected):
+    from slidesam.transfersam.data import jitter_grey
+
+    grey = np.array([[0, 100], [200, 255]], np.uint8)
+    out = jitter_grey(grey, factor, shift)
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_contrast_jitters_are_seeded_per_case_and_slice():
+    from slidesam.transfersam.data import contrast_jitters
+
+    j = contrast_jitters(0, "case_00001", np.array([3, 7, 9]), 2, (0.8, 1.2), 15.0)
+    assert j.shape == (2, 3, 2)
+    assert np.all((j[..., 0] >= 0.8) & (j[..., 0] <= 1.2))
+    assert np.all(np.abs(j[..., 1]) <= 15.0)
+    assert len(np.unique(j[..., 0])) == 6  # every copy of every slice its own draw
+    # a slice's jitter does not depend on which other slices are cached
+    np.testing.assert_array_equal(
+        contrast_jitters(0, "case_00001", np.array([7]), 2, (0.8, 1.2), 15.0)[:, 0], j[:, 1]
+    )
+    other = contrast_jitters(0, "case_00002", np.array([3, 7, 9]), 2, (0.8, 1.2), 15.0)
+    assert not np.allclose(other, j)
+
+
+def test_embed_config_contrast_settings():
+    plain = EmbedConfig()
+    assert "contrast_copies" not in plain.to_dict()  # no copies: described as before
+    assert EmbedConfig.from_dict(plain.to_dict()) == plain
+    c = EmbedConfig(contrast_copies=2, contrast_factor=[0.9, 1.1], brightness_shift=5)
+    assert c.to_dict()["contrast_factor"] == [0.9, 1.1]
+    assert EmbedConfig.from_dict(c.to_dict()) == c
+    assert plain.differences(c) == {
+        "contrast_copies": (0, 2),
+        "contrast_factor": ([0.75, 1.25], [0.9, 1.1]),
+        "brightness_shift": (20.0, 5.0),
+    }
+    # without copies the jitter range changes nothing
+    assert plain.differences(EmbedConfig(brightness_shift=3)) == {}
+    with pytest.raises(InputError, match="contrast_copies must be an integer >= 0"):
+        EmbedConfig(contrast_copies=-1)
+    with pytest.raises(InputError, match="contrast_factor must have low <= high"):
+        EmbedConfig(contrast_factor=(1.2, 0.8))
+    with pytest.raises(InputError, match="brightness_shift must be <= 255"):
+        EmbedConfig(brightness_shift=300)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from slidesam.transfersam.encoder import build_encoder
 PHANTOM = PhantomConfig(phases=("arterial",), shape=(48, 96, 96), spacing=(3.0, 3.5, 3.5))
 REF = EncoderRef(variant="tiny_64", seed=0)
 EMBED = EmbedConfig(max_slices=30)
+EMBED_C = EmbedConfig(max_slices=12, contrast_copies=2, contrast_factor=(0.6, 1.4))
 FAST = DecoderTrainConfig(
     steps=120, batch_size=16, lr=2e-3, warmup_steps=10, validate_every=60, val_fraction=0.25
 )
@@ -52,6 +54,14 @@ def cache(dataset, tmp_path_factory):
     summary = embed_dataset(dataset, folder, REF, EMBED, batch_size=8, progress=False)
     assert summary["embedded"] == 4
     assert summary["skipped"] == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def contrast_cache(dataset, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cache_c") / "cache"
+    summary = embed_dataset(dataset, folder, REF, EMBED_C, batch_size=8, progress=False)
+    assert summary["contrast_copies"] == 2 * summary["slices"]
     return folder
 
 
@@ -95,6 +105,15 @@ def test_cache_round_trip(dataset, cache):
     # no pickle inside
     with np.load(cache / "case_00001" / "slices.npz", allow_pickle=False) as z:
         assert sorted(z.files) == ["axis", "indices", "labels", "positive"]
+    # without contrast copies the cache is exactly the format from before they existed
+    assert sorted(p.name for p in (cache / "case_00001").iterdir()) == [
+        "embeddings.npy",
+        "slices.npz",
+    ]
+    meta = json.loads((cache / "cache.json").read_text())
+    assert sorted(meta["embed"]) == ["blank_ratio", "max_slices", "seed", "window"]
+    assert cc.copies is None
+    assert cc.jitters is None
 
 
 def test_embedding_resumes_and_refuses_another_encoder(dataset, cache, tmp_path):
@@ -139,6 +158,104 @@ def test_training_pairs_follow_the_kidney_split(dataset, cache):
     assert sum(not t.any() for t in with_neg.targets) == n_extra
     roi = build_samples(cache, ids, "roi", BoxConfig(), 96)
     assert len(roi) == sum(len(read_case(cache, c).indices) for c in ids)
+
+
+def test_contrast_copies_are_cached_and_reproducible(dataset, contrast_cache):
+    from slidesam.transfersam.data import contrast_jitters
+    from slidesam.transfersam.encoder import embed_slices
+
+    info = open_cache(contrast_cache)
+    assert info.embed == EMBED_C
+    cc = read_case(contrast_cache, "case_00001", copies=2)
+    n = len(cc.indices)
+    assert cc.embeddings.shape == (n, 32, 8, 8)
+    assert cc.copies.shape == (2, n, 32, 8, 8)  # (1 + 2) embeddings per kept slice
+    assert cc.copies.dtype == np.float16
+    assert cc.jitters.shape == (2, n, 2)
+    np.testing.assert_array_equal(
+        cc.jitters, contrast_jitters(0, "case_00001", cc.indices, 2, (0.6, 1.4), 20.0)
+    )
+    # the copies differ from the original and from each other, on every slice
+    orig = cc.embeddings.astype(np.float32)
+    copies = cc.copies.astype(np.float32)
+    for k in range(2):
+        assert np.abs(copies[k] - orig).max(axis=(1, 2, 3)).min() > 1e-2
+    assert np.abs(copies[0] - copies[1]).max(axis=(1, 2, 3)).min() > 1e-2
+    # re-encoding the jittered pixels reproduces the stored copies; the originals stay plain
+    sam, _ = build_encoder(info.encoder)
+    image = read_image(f"{dataset}/imagesTr/case_00001_0000.nii.gz")
+    kw = {"window": EMBED_C.window, "batch_size": 2}
+    again = embed_slices(sam, image.array, 0, cc.indices[:3], jitters=cc.jitters[1, :3], **kw)
+    np.testing.assert_allclose(again, cc.copies[1, :3], atol=2e-3)
+    plain = embed_slices(sam, image.array, 0, cc.indices[:3], **kw)
+    np.testing.assert_allclose(plain, cc.embeddings[:3], atol=2e-3)
+    # stored as .npy/.npz without pickle
+    np.load(contrast_cache / "case_00001" / "contrast.npy", allow_pickle=False)
+    with np.load(contrast_cache / "case_00001" / "slices.npz", allow_pickle=False) as z:
+        assert sorted(z.files) == ["axis", "contrast", "indices", "labels", "positive"]
+    with pytest.raises(InputError, match="holds 2 contrast copies per slice, the cache's settings"):
+        read_case(contrast_cache, "case_00001", copies=3)
+
+
+def test_cache_with_other_contrast_settings_is_refused(dataset, cache, contrast_cache, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(cache, old)  # a cache in the format from before contrast copies
+    with pytest.raises(InputError, match=r"contrast_copies: 0 in the cache, 2 asked"):
+        embed_dataset(dataset, old, REF, replace(EMBED, contrast_copies=2), progress=False)
+    with pytest.raises(InputError, match=r"contrast_copies: 2 in the cache, 0 asked"):
+        embed_dataset(dataset, contrast_cache, REF, replace(EMBED_C, contrast_copies=0))
+    with pytest.raises(InputError, match=r"brightness_shift: 20.0 in the cache, 5.0 asked"):
+        embed_dataset(dataset, contrast_cache, REF, replace(EMBED_C, brightness_shift=5.0))
+    # resuming with the same settings works and embeds the copies of the missing case
+    part = tmp_path / "part"
+    shutil.copytree(contrast_cache, part)
+    shutil.rmtree(part / "case_00003")
+    s = embed_dataset(dataset, part, REF, EMBED_C, batch_size=8, progress=False)
+    assert (s["embedded"], s["skipped"]) == (1, 3)
+    np.testing.assert_array_equal(
+        read_case(part, "case_00003").copies, read_case(contrast_cache, "case_00003").copies
+    )
+
+
+def test_training_draws_contrast_copies(contrast_cache, cascade, tmp_path):
+    from slidesam.transfersam.config import BoxConfig
+    from slidesam.transfersam.decoders import _batch, build_samples
+
+    cfg = DecoderTrainConfig(steps=6, batch_size=8, warmup_steps=1, val_fraction=0.25, seed=3)
+    s = train_decoder(contrast_cache, "roi", tmp_path / "c", cfg, progress=False)
+    views = s["contrast_views"]  # samples drawn from the original, copy 1, copy 2
+    assert len(views) == 3
+    assert sum(views) == 6 * 8
+    assert min(views) >= 5, views
+    # without copies every sample is an original
+    assert cascade[1]["roi"]["contrast_views"] == [FAST.steps * FAST.batch_size]
+    # a drawn view really feeds that copy's embedding; validation (no views) the original
+    samples = build_samples(contrast_cache, ("case_00000",), "roi", BoxConfig(), 32, copies=2)
+    still = replace(cfg, augment_prob=0.0)
+    cc = read_case(contrast_cache, "case_00000")
+    r = int(samples.row[1])
+    emb, _, _ = _batch(samples, np.array([1, 1]), "roi", still, 64, None, np.array([2, 0]))
+    np.testing.assert_array_equal(emb[0].numpy(), cc.copies[1, r].astype(np.float32))
+    np.testing.assert_array_equal(emb[1].numpy(), cc.embeddings[r].astype(np.float32))
+    emb, _, _ = _batch(samples, np.array([1]), "roi", still, 64, None)
+    np.testing.assert_array_equal(emb[0].numpy(), cc.embeddings[r].astype(np.float32))
+
+
+def test_cli_contrast_copies(dataset, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    args = ["transfersam", "embed", dataset, "--cache", str(cache), "--random-encoder", "0"]
+    args += ["--variant", "tiny_64", "--max-slices", "2", "--contrast-copies", "1"]
+    args += ["--contrast-factor", "0.9", "1.1", "--brightness-shift", "5", "--no-progress"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["contrast_copies"] == summary["slices"] == 8
+    embed = open_cache(cache).embed
+    assert (embed.contrast_copies, embed.contrast_factor, embed.brightness_shift) == (
+        1,
+        (0.9, 1.1),
+        5.0,
+    )
+    assert read_case(cache, "case_00000").copies.shape[:2] == (1, 2)
 
 
 def test_fingerprint_mismatch_is_refused():

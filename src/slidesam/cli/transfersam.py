@@ -53,7 +53,32 @@ def register(sub) -> None:
     e.add_argument(
         "--window", type=float, nargs=2, default=(-200.0, 400.0), metavar=("LOW", "HIGH")
     )
-    e.add_argument("--seed", type=int, default=0, help="seed of the blank-slice draw")
+    e.add_argument(
+        "--seed", type=int, default=0, help="seed of the blank-slice draw and contrast jitter"
+    )
+    e.add_argument(
+        "--contrast-copies",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also embed N contrast-jittered copies of every slice for training augmentation "
+        "(cache size and embedding time x (1 + N); default 0)",
+    )
+    e.add_argument(
+        "--contrast-factor",
+        type=float,
+        nargs=2,
+        default=(0.75, 1.25),
+        metavar=("LOW", "HIGH"),
+        help="range of the copies' contrast factor (default 0.75 1.25)",
+    )
+    e.add_argument(
+        "--brightness-shift",
+        type=float,
+        default=20.0,
+        metavar="B",
+        help="copies' brightness shift drawn from [-B, B] grey levels of 0..255 (default 20)",
+    )
     e.add_argument("--device", default="cpu")
     e.add_argument("--no-progress", action="store_true")
 
@@ -111,6 +136,9 @@ def _embed(args) -> int:
         max_slices=args.max_slices,
         blank_ratio=args.blank_ratio,
         seed=args.seed,
+        contrast_copies=args.contrast_copies,
+        contrast_factor=tuple(args.contrast_factor),
+        brightness_shift=args.brightness_shift,
     )
     summary = embed_dataset(
         args.dataset,

@@ -6,7 +6,12 @@ Layout (no pickle anywhere: ``np.load(..., allow_pickle=False)``)::
     CACHE/CASE/embeddings.npy        (N, C, E, E) float16, memory-mapped when training
     CACHE/CASE/slices.npz            indices (N,) int64 slice numbers along ``axis``,
                                      positive (N,) bool (any label > 0), labels (N, H, W) uint8
-                                     KiTS labels of those slices, axis () int64
+                                     KiTS labels of those slices, axis () int64;
+                                     with contrast copies also contrast (K, N, 2) float64:
+                                     each copy's contrast factor and brightness shift
+    CACHE/CASE/contrast.npy          (K, N, C, E, E) float16: embeddings of the K =
+                                     ``contrast_copies`` contrast-jittered copies of each
+                                     slice (only when K > 0; a cache with K = 0 is unchanged)
 
 A case folder is written as ``.tmp-CASE`` and renamed when complete, so an interrupted run
 leaves no half case and a re-run skips the finished ones (resumable).
@@ -29,7 +34,7 @@ from tqdm import tqdm
 from slidesam.core import InputError
 from slidesam.data.io import read_image, read_label
 from slidesam.transfersam.config import EmbedConfig, EncoderRef
-from slidesam.transfersam.data import axial_axis, find_cases, select_slices
+from slidesam.transfersam.data import axial_axis, contrast_jitters, find_cases, select_slices
 
 __all__ = [
     "CACHE_FORMAT",
@@ -67,6 +72,9 @@ class CaseCache:
         positive: (N,) True where the slice holds foreground (else a blank slice).
         labels: (N, H, W) uint8 KiTS labels of those slices.
         axis: the slicing (axial) array axis.
+        copies: (K, N, C, E, E) float16 embeddings of the K contrast-jittered copies of each
+            slice (memory-mapped like ``embeddings``), ``None`` when the cache has none.
+        jitters: (K, N, 2) contrast factor and brightness shift of each copy, or ``None``.
     """
 
     case_id: str
@@ -75,6 +83,8 @@ class CaseCache:
     positive: np.ndarray
     labels: np.ndarray
     axis: int
+    copies: np.ndarray | None = None
+    jitters: np.ndarray | None = None
 
 
 def _write_meta(folder: Path, encoder: EncoderRef, embed: EmbedConfig, dataset: str) -> None:
@@ -120,13 +130,18 @@ def open_cache(folder: str | Path) -> CacheInfo:
     return CacheInfo(folder, encoder, embed, cases)
 
 
-def read_case(folder: str | Path, case_id: str, *, mmap: bool = True) -> CaseCache:
-    """Load one cached case (embeddings memory-mapped unless ``mmap=False``)."""
+def read_case(
+    folder: str | Path, case_id: str, *, mmap: bool = True, copies: int | None = None
+) -> CaseCache:
+    """Load one cached case (embeddings memory-mapped unless ``mmap=False``).
+
+    ``copies``: the number of contrast copies the cache's settings promise; checked when given.
+    """
     case_dir = Path(folder) / case_id
+    mode = "r" if mmap else None
+    copy_emb = jitters = None
     try:
-        emb = np.load(
-            case_dir / "embeddings.npy", mmap_mode="r" if mmap else None, allow_pickle=False
-        )
+        emb = np.load(case_dir / "embeddings.npy", mmap_mode=mode, allow_pickle=False)
         with np.load(case_dir / "slices.npz", allow_pickle=False) as z:
             indices, positive, labels, axis = (
                 z["indices"],
@@ -134,13 +149,27 @@ def read_case(folder: str | Path, case_id: str, *, mmap: bool = True) -> CaseCac
                 z["labels"],
                 int(z["axis"]),
             )
+            if "contrast" in z.files:
+                jitters = z["contrast"]
+        if jitters is not None:
+            copy_emb = np.load(case_dir / "contrast.npy", mmap_mode=mode, allow_pickle=False)
     except (OSError, KeyError, ValueError) as exc:
         raise InputError(
             f"{case_dir}: unreadable cache entry ({exc}); delete it and re-embed"
         ) from None
     if not (len(emb) == len(indices) == len(positive) == len(labels)):
         raise InputError(f"{case_dir}: inconsistent cache entry; delete it and re-embed")
-    return CaseCache(case_id, emb, indices, positive.astype(bool), labels, axis)
+    if copy_emb is not None and (
+        copy_emb.shape[1:] != emb.shape or jitters.shape != (len(copy_emb), len(emb), 2)
+    ):
+        raise InputError(f"{case_dir}: inconsistent contrast copies; delete it and re-embed")
+    found = 0 if copy_emb is None else len(copy_emb)
+    if copies is not None and found != copies:
+        raise InputError(
+            f"{case_dir}: holds {found} contrast copies per slice, the cache's settings say "
+            f"{copies}; delete the case folder and re-embed"
+        )
+    return CaseCache(case_id, emb, indices, positive.astype(bool), labels, axis, copy_emb, jitters)
 
 
 def _case_rng(seed: int, case_id: str) -> np.random.Generator:
@@ -160,11 +189,15 @@ def embed_dataset(
     """Embed the selected slices of every labelled case of ``dataset`` into ``cache``.
 
     Finished cases are skipped (resumable); a cache made with another encoder or other embed
-    settings is refused. Slices: every slice with any label > 0 plus ``blank_ratio`` times as
-    many random blank slices, at most ``max_slices`` per case (``select_slices``).
+    settings (window, slice selection, contrast copies and their jitter range) is refused.
+    With ``config.contrast_copies = K`` > 0 each kept slice is also embedded K times with a
+    seeded contrast/brightness jitter (``contrast.npy``), costing K more encoder passes and
+    K times the embedding storage. Slices: every slice with any label > 0 plus ``blank_ratio``
+    times as many random blank slices, at most ``max_slices`` per case (``select_slices``).
 
     Returns:
-        summary: cases, embedded, skipped, slices embedded, seconds, slices_per_s,
+        summary: cases, embedded, skipped, slices embedded, contrast copies embedded, seconds
+        (encoder time, copies included), slices_per_s (encoder passes per second),
         mb_per_case (mean size on disk of the embedded cases), encoder fingerprint.
     """
     from slidesam.transfersam.encoder import build_encoder, embed_slices
@@ -176,10 +209,14 @@ def embed_dataset(
         raise InputError(f"{cache}: exists and is not a folder")
     if (cache / _META).is_file():
         old_enc, old_embed = cache_settings(cache)
-        if old_embed != config:
+        if old_embed.differences(config):
+            diff = ", ".join(
+                f"{k}: {a!r} in the cache, {b!r} asked"
+                for k, (a, b) in old_embed.differences(config).items()
+            )
             raise InputError(
-                f"{cache}: made with other embed settings ({old_embed.to_dict()}); use another "
-                "cache folder or the same settings"
+                f"{cache}: made with other embed settings ({diff}); use another cache folder "
+                "or the same settings"
             )
         if not old_enc.same_encoder(encoder):
             raise InputError(
@@ -193,6 +230,7 @@ def embed_dataset(
         "embedded": 0,
         "skipped": len(cases) - len(todo),
         "slices": 0,
+        "contrast_copies": 0,
         "seconds": 0.0,
     }
     sizes = []
@@ -222,6 +260,27 @@ def embed_dataset(
                 batch_size=batch_size,
                 device=device,
             )
+            jitters = contrast_jitters(
+                config.seed,
+                case.case_id,
+                idx,
+                config.contrast_copies,
+                config.contrast_factor,
+                config.brightness_shift,
+            )
+            copies = [
+                embed_slices(
+                    model,
+                    image.array,
+                    axis,
+                    idx,
+                    window=config.window,
+                    batch_size=batch_size,
+                    device=device,
+                    jitters=jitters[k],
+                )
+                for k in range(config.contrast_copies)
+            ]
             t_embed += time.perf_counter() - t0
             # (N, H, W), H and W the remaining axes in array order
             labels = np.moveaxis(np.take(label.array, idx, axis=axis), axis, 0)
@@ -230,12 +289,17 @@ def embed_dataset(
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
             np.save(tmp / "embeddings.npy", emb, allow_pickle=False)
+            extra = {}
+            if copies:
+                np.save(tmp / "contrast.npy", np.stack(copies), allow_pickle=False)
+                extra["contrast"] = jitters
             np.savez_compressed(
                 tmp / "slices.npz",
                 indices=idx.astype(np.int64),
                 positive=positive_all[idx],
                 labels=np.ascontiguousarray(labels, dtype=np.uint8),
                 axis=np.int64(axis),
+                **extra,
             )
             final = cache / case.case_id
             if final.exists():
@@ -244,8 +308,10 @@ def embed_dataset(
             sizes.append(sum(f.stat().st_size for f in final.iterdir()) / 1e6)
             summary["embedded"] += 1
             summary["slices"] += len(idx)
+            summary["contrast_copies"] += len(idx) * config.contrast_copies
     summary["seconds"] = round(t_embed, 3)
-    summary["slices_per_s"] = round(summary["slices"] / t_embed, 2) if t_embed > 0 else None
+    passes = summary["slices"] + summary["contrast_copies"]  # encoder passes, copies included
+    summary["slices_per_s"] = round(passes / t_embed, 2) if t_embed > 0 else None
     summary["mb_per_case"] = round(float(np.mean(sizes)), 3) if sizes else None
     summary["fingerprint"] = encoder.fingerprint
     log.info(

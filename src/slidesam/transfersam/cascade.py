@@ -82,8 +82,15 @@ def update_cascade_json(
                 f"{folder}: a cascade on the {old_ref.describe()} ({old_ref.fingerprint}); this "
                 f"cache was made with the {encoder.describe()} ({encoder.fingerprint})"
             )
-        if old_cfg.embed != embed:
-            raise InputError(f"{folder}: a cascade with other embed settings than this cache")
+        diff = old_cfg.embed.differences(embed)
+        if diff:
+            raise InputError(
+                f"{folder}: a cascade with other embed settings than this cache ("
+                + ", ".join(
+                    f"{k}: {a!r} in the cascade, {b!r} in the cache" for k, (a, b) in diff.items()
+                )
+                + ")"
+            )
         if old_cfg.boxes != boxes:
             log.warning("%s: box settings changed by this training run; updated", path)
         batch_size = old_cfg.batch_size

@@ -116,6 +116,9 @@ class EncoderRef:
         return from_mapping(cls, d, "encoder reference")
 
 
+_CONTRAST_KEYS = ("contrast_copies", "contrast_factor", "brightness_shift")
+
+
 @dataclass(frozen=True)
 class EmbedConfig:
     """Which slices are cached and how a slice becomes the encoder's input.
@@ -126,13 +129,26 @@ class EmbedConfig:
             air (-1000) becomes 255 like bone, and fat (-100) looks like soft tissue (+100).
         max_slices: cap of cached slices per case (positives + blanks).
         blank_ratio: blank (label 0 only) slices cached per positive slice (1 = balanced).
-        seed: seed of the blank-slice draw (per case: ``[seed, case number]``).
+        seed: seed of the blank-slice draw (per case: ``[seed, case number]``) and of the
+            contrast jitter (per case and slice: ``[seed, crc32(case id), slice number]``).
+        contrast_copies: contrast-jittered copies embedded per cached slice besides the
+            original (0 = none; training draws the original or a copy per sample). The cache
+            grows by a factor ``1 + contrast_copies`` and embedding takes as much longer.
+        contrast_factor: range (low, high) of the contrast factor ``c``, drawn uniformly per
+            copy. A copy's windowed grey value ``g`` (0..255) becomes
+            ``clip(mean + c * (g - mean) + b, 0, 255)``, rounded (``mean``: the slice's mean
+            grey value).
+        brightness_shift: the shift ``b`` is drawn uniformly from ``[-shift, shift]``, in the
+            windowed 0..255 grey units.
     """
 
     window: tuple[float, float] = (-200.0, 400.0)
     max_slices: int = 400
     blank_ratio: float = 1.0
     seed: int = 0
+    contrast_copies: int = 0
+    contrast_factor: tuple[float, float] = (0.75, 1.25)
+    brightness_shift: float = 20.0
 
     def __post_init__(self) -> None:
         if len(self.window) != 2:
@@ -144,9 +160,33 @@ class EmbedConfig:
         _integer(self.max_slices, "max_slices", 1)
         object.__setattr__(self, "blank_ratio", _number(self.blank_ratio, "blank_ratio", low=0))
         _integer(self.seed, "seed", 0)
+        _integer(self.contrast_copies, "contrast_copies", 0)
+        if len(self.contrast_factor) != 2:
+            raise InputError(f"contrast_factor must be (low, high), got {self.contrast_factor!r}")
+        lo, hi = (_number(v, "contrast_factor", low=0.01, high=100.0) for v in self.contrast_factor)
+        if lo > hi:
+            raise InputError(f"contrast_factor must have low <= high, got {self.contrast_factor!r}")
+        object.__setattr__(self, "contrast_factor", (lo, hi))
+        shift = _number(self.brightness_shift, "brightness_shift", low=0.0, high=255.0)
+        object.__setattr__(self, "brightness_shift", shift)
+
+    def differences(self, other: EmbedConfig) -> dict[str, tuple]:
+        """``{setting: (self's value, other's value)}`` of the settings that differ and matter:
+        the jitter range only when either side has contrast copies."""
+        a, b = plain(asdict(self)), plain(asdict(other))
+        if not (self.contrast_copies or other.contrast_copies):
+            for k in _CONTRAST_KEYS[1:]:
+                del a[k], b[k]
+        return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
 
     def to_dict(self) -> dict:
-        return plain(asdict(self))
+        """The settings; the contrast keys only with copies (``contrast_copies`` > 0), so a
+        cache without copies is described exactly as before contrast copies existed."""
+        d = plain(asdict(self))
+        if not self.contrast_copies:
+            for k in _CONTRAST_KEYS:
+                del d[k]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> EmbedConfig:

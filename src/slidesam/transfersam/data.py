@@ -11,6 +11,7 @@ Slices are taken along the array axis closest to world z (axial), ``(H, W)`` in 
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +24,10 @@ from slidesam.data.preprocess import resize_image, to_uint8
 __all__ = [
     "CaseFiles",
     "axial_axis",
+    "contrast_jitters",
     "find_cases",
     "find_images",
+    "jitter_grey",
     "select_slices",
     "slice_to_rgb",
 ]
@@ -107,11 +110,52 @@ def axial_axis(geometry: Geometry) -> int:
     return int(np.argmax(np.abs(geometry.direction[2, :])))
 
 
-def slice_to_rgb(hu: np.ndarray, window: tuple[float, float], size: int) -> np.ndarray:
-    """One ``(H, W)`` CT slice in HU -> ``(size, size, 3)`` uint8 RGB: windowed to 0..255, the
-    grey value on all three channels, stretched (bilinear) to the square encoder input."""
+def slice_to_rgb(
+    hu: np.ndarray,
+    window: tuple[float, float],
+    size: int,
+    jitter: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """One ``(H, W)`` CT slice in HU -> ``(size, size, 3)`` uint8 RGB: windowed to 0..255,
+    contrast-jittered when ``jitter = (factor, shift)`` is given (:func:`jitter_grey`), the grey
+    value on all three channels, stretched (bilinear) to the square encoder input."""
     grey = to_uint8(hu, window)
+    if jitter is not None:
+        grey = jitter_grey(grey, *jitter)
     return resize_image(np.stack([grey, grey, grey]), size)
+
+
+def jitter_grey(grey: np.ndarray, factor: float, shift: float) -> np.ndarray:
+    """Contrast and brightness jitter of a windowed ``(H, W)`` uint8 slice:
+    ``clip(mean + factor * (grey - mean) + shift, 0, 255)`` rounded to uint8, ``mean`` the
+    slice's mean grey value (``factor`` 1 and ``shift`` 0 leave it unchanged)."""
+    g = grey.astype(np.float64)
+    mean = g.mean() if g.size else 0.0
+    return np.rint(np.clip(mean + factor * (g - mean) + shift, 0, 255)).astype(np.uint8)
+
+
+def contrast_jitters(
+    seed: int,
+    case_id: str,
+    indices: np.ndarray,
+    copies: int,
+    factor: tuple[float, float],
+    shift: float,
+) -> np.ndarray:
+    """The (factor, shift) of each contrast copy of each slice, seeded per case and slice
+    (``[seed, crc32(case_id), slice number]``), so a slice's copies do not depend on which
+    other slices are cached.
+
+    Returns:
+        (copies, len(indices), 2) float64: contrast factor, brightness shift (0..255 units).
+    """
+    out = np.zeros((copies, len(indices), 2))
+    case = zlib.crc32(case_id.encode())
+    for j, i in enumerate(np.asarray(indices, dtype=np.int64)):
+        rng = np.random.default_rng([seed, case, int(i)])
+        out[:, j, 0] = rng.uniform(factor[0], factor[1], size=copies)
+        out[:, j, 1] = rng.uniform(-shift, shift, size=copies)
+    return out
 
 
 def select_slices(

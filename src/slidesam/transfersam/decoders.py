@@ -228,6 +228,7 @@ class _Samples:
     boxes: np.ndarray  # (S, 4) tight box in slice pixels (the ROI box for roi)
     shapes: np.ndarray  # (S, 2) slice (H, W)
     targets: np.ndarray  # (S, L, L) uint8 0/1
+    copies: list[np.ndarray | None] | None = None  # per case (K, N, C, E, E) contrast copies
 
     def __len__(self) -> int:
         return len(self.case)
@@ -247,6 +248,7 @@ def build_samples(
     *,
     negative_ratio: float = 0.0,
     seed: int = 0,
+    copies: int | None = None,
 ) -> _Samples:
     """The decoder's training pairs from the cached cases ``case_ids``.
 
@@ -254,15 +256,17 @@ def build_samples(
     kidney-region boxes of the ground truth (label > 0, split left/right as at inference); a
     box is kept when its side of the slice holds the target (the seed), the target restricted
     to that side. ``negative_ratio`` > 0 adds that many kidney boxes *without* the target (empty
-    target) per positive pair, drawn at random (``seed``) from all such boxes.
+    target) per positive pair, drawn at random (``seed``) from all such boxes. The cases'
+    contrast copies come along (``copies``: how many each case must hold, checked if given).
     """
     values = DECODERS[check_decoder_name(name)]
-    embeddings = []
+    embeddings, copy_embeddings = [], []
     pos: list[tuple] = []  # (case, row, box, shape, target) at slice resolution
     neg: list[tuple] = []
     for ci, case_id in enumerate(case_ids):
-        cc = read_case(cache, case_id)
+        cc = read_case(cache, case_id, copies=copies)
         embeddings.append(cc.embeddings)
+        copy_embeddings.append(cc.copies)
         for r in range(len(cc.indices)):
             lab = cc.labels[r]
             hw = lab.shape
@@ -293,6 +297,7 @@ def build_samples(
         np.asarray([p[2] for p in pos], dtype=np.float64),
         np.asarray([p[3] for p in pos]),
         np.stack([_resize_target(p[4], mask_size) for p in pos]),
+        copy_embeddings,
     )
 
 
@@ -322,6 +327,21 @@ def _warp_box(box: np.ndarray, a: np.ndarray, size: int) -> np.ndarray:
     return np.array([lo[0], lo[1], hi[0], hi[1]])
 
 
+def _draw_views(s: _Samples, pick: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Which view of each picked sample to train on, uniformly: 0 = the original embedding,
+    k >= 1 = contrast copy k. All zeros, drawing nothing from ``rng``, without copies."""
+    n_copies = np.array([0 if c is None else len(c) for c in s.copies or []], dtype=np.int64)
+    if not n_copies.any():
+        return np.zeros(len(pick), dtype=np.int64)
+    return rng.integers(0, 1 + n_copies[s.case[pick]])
+
+
+def _embedding(s: _Samples, i: int, view: int) -> np.ndarray:
+    if view == 0:
+        return s.embeddings[s.case[i]][s.row[i]]
+    return s.copies[s.case[i]][view - 1][s.row[i]]
+
+
 def _batch(
     s: _Samples,
     pick: np.ndarray,
@@ -329,11 +349,17 @@ def _batch(
     config: DecoderTrainConfig,
     size: int,
     rng: np.random.Generator | None,
+    views: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(embeddings, boxes in input pixels, targets) of samples ``pick``; random box growth and
-    rotation/zoom when ``rng`` is given (training), the mean growth otherwise (validation)."""
+    rotation/zoom when ``rng`` is given (training), the mean growth otherwise (validation).
+    ``views`` (from :func:`_draw_views`) selects contrast copies; ``None`` = the originals."""
+    if views is None:
+        views = np.zeros(len(pick), dtype=np.int64)
     emb = torch.from_numpy(
-        np.stack([np.asarray(s.embeddings[s.case[i]][s.row[i]], np.float32) for i in pick])
+        np.stack(
+            [np.asarray(_embedding(s, i, v), np.float32) for i, v in zip(pick, views, strict=True)]
+        )
     )
     tgt = torch.from_numpy(s.targets[pick].astype(np.float32))
     boxes = []
@@ -418,7 +444,11 @@ def train_decoder(
 
     Returns:
         summary: decoder, train/val cases and samples, class weights, first/last train loss,
-        untrained and final validation loss and Dice, seconds, checkpoint path.
+        untrained and final validation loss and Dice, contrast_views (training samples drawn
+        from the original embeddings, contrast copy 1, 2, ...), seconds, checkpoint path.
+
+    With contrast copies in the cache, each training sample is the original embedding or one
+    of its copies, uniformly at random (seeded); validation uses the originals only.
     """
     import yaml
 
@@ -436,7 +466,11 @@ def train_decoder(
     e = sam.config.embedding_size
     mask_size, size = 4 * e, sam.image_size
     update_cascade_json(out, ref, info.embed, config.boxes)
-    extra = {"negative_ratio": config.negative_ratio, "seed": config.seed}
+    extra = {
+        "negative_ratio": config.negative_ratio,
+        "seed": config.seed,
+        "copies": info.embed.contrast_copies,
+    }
     train = build_samples(info.folder, train_ids, name, config.boxes, mask_size, **extra)
     val = None
     if val_ids:
@@ -475,13 +509,16 @@ def train_decoder(
     t0 = time.perf_counter()
     running: list[float] = []
     first_losses: list[float] = []
+    view_counts = np.zeros(1 + info.embed.contrast_copies, dtype=np.int64)
     bar = tqdm(range(config.steps), desc=f"train {name}", unit="step", disable=not progress)
     for step in bar:
         decoder.train()
         for g in opt.param_groups:
             g["lr"] = lr_at(step, config)
         pick = rng.integers(0, len(train), size=min(config.batch_size, len(train)))
-        emb, boxes, tgt = _batch(train, pick, name, config, size, rng)
+        views = _draw_views(train, pick, rng)
+        view_counts += np.bincount(views, minlength=len(view_counts))
+        emb, boxes, tgt = _batch(train, pick, name, config, size, rng, views)
         logits = decoder(emb.to(config.device), boxes.to(config.device))
         loss = loss_fn(logits, tgt.to(config.device))
         opt.zero_grad(set_to_none=True)
@@ -515,6 +552,7 @@ def train_decoder(
                 w = csv.DictWriter(f, fieldnames=columns)
                 w.writeheader()
                 w.writerows(rows)
+    summary["contrast_views"] = view_counts.tolist()  # samples drawn: original, copy 1, ...
     summary["first_train_loss"] = round(float(np.mean(first_losses)), 5)
     summary["last_train_loss"] = rows[-1]["train_loss"]
     if val is not None:

@@ -65,20 +65,34 @@ def embed_slices(
     window: tuple[float, float],
     batch_size: int,
     device: str = "cpu",
+    jitters: np.ndarray | None = None,
 ) -> np.ndarray:
     """Image embeddings of the slices ``indices`` along ``axis`` of a (Z, Y, X) HU array.
+
+    ``jitters``: optional (N, 2) contrast factor and brightness shift per slice
+    (:func:`~slidesam.transfersam.data.jitter_grey`), applied to the windowed grey values.
 
     Returns:
         (N, C, E, E) float16 (C = prompt dim, 256 for SAM; E = image_size / patch_size).
     """
     if batch_size < 1:
         raise InputError(f"batch size must be >= 1, got {batch_size}")
+    if jitters is not None and np.shape(jitters) != (len(indices), 2):
+        raise InputError(f"jitters must be ({len(indices)}, 2), got {np.shape(jitters)}")
     size = model.image_size
     out = []
     for start in range(0, len(indices), batch_size):
         chunk = indices[start : start + batch_size]
         rgb = np.stack(
-            [slice_to_rgb(np.take(volume_array, int(i), axis=axis), window, size) for i in chunk]
+            [
+                slice_to_rgb(
+                    np.take(volume_array, int(i), axis=axis),
+                    window,
+                    size,
+                    None if jitters is None else tuple(jitters[start + k]),
+                )
+                for k, i in enumerate(chunk)
+            ]
         )
         x = torch.from_numpy(rgb).permute(0, 3, 1, 2).float().to(device)
         out.append(model.encode(x).to("cpu", torch.float16).numpy())
