@@ -7,8 +7,9 @@ factory that turns a config into modules.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
+from slidesam.core.configfile import from_mapping, with_options
 from slidesam.core.errors import InputError
 
 __all__ = ["VARIANTS", "SamConfig", "variant_config"]
@@ -110,21 +111,11 @@ class SamConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> SamConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise InputError(f"model config has unknown keys: {', '.join(unknown)}")
-        return cls(**d)
+        return from_mapping(cls, d, "model config")
 
     def with_options(self, **options) -> SamConfig:
         """A copy with some fields changed; unknown names are an error that lists the valid ones."""
-        known = {f.name for f in fields(self)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise InputError(
-                f"unknown model option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
-            )
-        return replace(self, **options)
+        return with_options(self, "model option", **options)
 
 
 _SAM_B = SamConfig()

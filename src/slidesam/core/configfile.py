@@ -28,7 +28,7 @@ import yaml
 
 from slidesam.core.errors import InputError
 
-__all__ = ["SectionedConfig", "from_mapping", "plain", "read_yaml"]
+__all__ = ["SectionedConfig", "from_mapping", "plain", "read_yaml", "with_options"]
 
 
 class SectionedConfig:
@@ -128,6 +128,16 @@ def from_mapping(cls: type, data: Any, what: str):
         return cls(**kwargs)
     except TypeError as exc:
         raise InputError(f"{what}: {exc}") from None
+
+
+def with_options(config, what: str = "option", **options):
+    """``dataclasses.replace(config, **options)``; names it lacks are an ``InputError`` that
+    lists the valid ones."""
+    known = sorted(f.name for f in fields(config))
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise InputError(f"unknown {what}(s) {', '.join(unknown)}; valid: {', '.join(known)}")
+    return replace(config, **options)
 
 
 def plain(value: Any) -> Any:

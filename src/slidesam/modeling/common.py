@@ -62,7 +62,8 @@ class MLPBlock(nn.Module):
 
 
 class LayerNorm2d(nn.Module):
-    """LayerNorm over the channel axis of a (B, C, H, W) tensor."""
+    """LayerNorm over the channel axis of a (B, C, H, W) tensor (any number of spatial axes:
+    ``LayerNorm3d`` of the 3D SAM is this module)."""
 
     def __init__(self, num_channels: int, eps: float = 1e-6):
         super().__init__()
@@ -74,7 +75,8 @@ class LayerNorm2d(nn.Module):
         u = x.mean(1, keepdim=True)
         s = (x - u).pow(2).mean(1, keepdim=True)
         x = (x - u) / torch.sqrt(s + self.eps)
-        return self.weight[:, None, None] * x + self.bias[:, None, None]
+        shape = (-1,) + (1,) * (x.dim() - 2)
+        return self.weight.view(shape) * x + self.bias.view(shape)
 
 
 class MLP(nn.Module):

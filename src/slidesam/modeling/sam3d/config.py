@@ -7,8 +7,9 @@ validated without building the network. ``VARIANTS3D`` holds every named size; t
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
+from slidesam.core.configfile import from_mapping, with_options
 from slidesam.core.errors import InputError
 
 __all__ = ["VARIANTS3D", "Sam3DConfig", "variant3d_config"]
@@ -116,24 +117,11 @@ class Sam3DConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> Sam3DConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise InputError(
-                f"3D model config has unknown keys: {', '.join(unknown)} "
-                f"(valid: {', '.join(sorted(known))})"
-            )
-        return cls(**d)
+        return from_mapping(cls, d, "3D model config")
 
     def with_options(self, **options) -> Sam3DConfig:
-        """A copy with some fields changed; unknown names are an error listing the valid ones."""
-        known = {f.name for f in fields(self)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise InputError(
-                f"unknown model option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
-            )
-        return replace(self, **options)
+        """A copy with some fields changed; unknown names are an error that lists the valid ones."""
+        return with_options(self, "model option", **options)
 
 
 _SAM_MED3D = Sam3DConfig()
