@@ -154,7 +154,9 @@ class AugmentConfig:
             gives at inference: the next window's box comes from the previous window's edge
             mask, which at an object's end is larger than the new centre slice (and at
             ``step`` 3 lies two slices away). Without it the model learns to fill whatever box
-            it is given. For zoomed models the crop follows that prompt.
+            it is given. For zoomed models the crop follows that prompt. Measured once on the
+            phantom recipe (p = 0.35): window Dice unchanged, propagation Dice lower (the model
+            answered "empty" on nearly isodense plain-phase tumours), so the default stays 0.
 
     Geometry is resampled once per sample (crop and affine composed): bilinear for the image,
     nearest for the mask, zeros outside the image. If the spatial steps would leave a mask
