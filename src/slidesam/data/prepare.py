@@ -51,7 +51,15 @@ from slidesam.data.preprocess import (
     window_centres,
 )
 
-__all__ = ["PrepareConfig", "Target", "find_cases", "prepare_dataset", "read_targets"]
+__all__ = [
+    "PrepareConfig",
+    "Target",
+    "atomic_write",
+    "find_cases",
+    "prepare_dataset",
+    "read_targets",
+    "save_image",
+]
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +203,7 @@ def find_cases(dataset_dir: Path, channel: int = 0) -> list[Case]:
     return cases
 
 
-def _save_image(rgb: np.ndarray, path: Path, fmt: str) -> None:
+def save_image(rgb: np.ndarray, path: Path, fmt: str) -> None:
     if fmt == "jpg":
         Image.fromarray(rgb).save(path, quality=95, subsampling=0)
     elif fmt == "png":
@@ -204,7 +212,7 @@ def _save_image(rgb: np.ndarray, path: Path, fmt: str) -> None:
         np.savez_compressed(path, image=rgb)
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -244,7 +252,7 @@ def prepare_case(case: Case, out_dir: Path, targets: list[Target], config: Prepa
             if config.scaling != "fixed":
                 window = scale_window(window, config.window, config.scaling)
             image_path = img_dir / f"{name}.{config.image_format}"
-            _save_image(resize_image(window, config.size), image_path, config.image_format)
+            save_image(resize_image(window, config.size), image_path, config.image_format)
             mask_path = mask_dir / f"{name}.npz"
             masks = (
                 resize_masks(np.stack([s for _, s in chosen]), config.size)
@@ -272,7 +280,7 @@ def prepare_case(case: Case, out_dir: Path, targets: list[Target], config: Prepa
             records.append(json.dumps(record))
             windows += 1
     meta_dir = out_dir / "meta"
-    _atomic_write(meta_dir / f"{case.case_id}.jsonl", "".join(r + "\n" for r in records))
+    atomic_write(meta_dir / f"{case.case_id}.jsonl", "".join(r + "\n" for r in records))
     counts = {
         "case": case.case_id,
         "windows": windows,
@@ -280,7 +288,7 @@ def prepare_case(case: Case, out_dir: Path, targets: list[Target], config: Prepa
         "masks_kept": kept,
         "masks_discarded": discarded,
     }
-    _atomic_write(meta_dir / f"{case.case_id}.done.json", json.dumps(counts))
+    atomic_write(meta_dir / f"{case.case_id}.done.json", json.dumps(counts))
     return counts
 
 
@@ -336,7 +344,7 @@ def prepare_dataset(
     if overwrite and out_dir.exists():
         shutil.rmtree(out_dir)
     (out_dir / "meta").mkdir(parents=True, exist_ok=True)
-    _atomic_write(settings_path, json.dumps(settings, indent=2))
+    atomic_write(settings_path, json.dumps(settings, indent=2))
 
     done, todo = [], []
     for case in cases:
@@ -358,7 +366,7 @@ def prepare_dataset(
     bar.close()
     summary = _summarise(results, failures, targets, resumed=len(done), total=len(cases))
     summary["output"] = str(out_dir)
-    _atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2))
+    atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 

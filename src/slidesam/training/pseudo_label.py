@@ -96,9 +96,9 @@ from slidesam.data.io import IMAGE_SUFFIXES, image_suffix, read_image, read_labe
 from slidesam.data.prepare import (
     IMAGE_FORMATS,
     Target,
-    _atomic_write,
-    _save_image,
+    atomic_write,
     read_targets,
+    save_image,
 )
 from slidesam.data.preprocess import (
     AXIS_NAMES,
@@ -797,7 +797,7 @@ def pseudo_label_case(
             if config.scaling != "fixed":
                 window = scale_window(window, config.window, config.scaling)
             image_path = img_dir / f"{name}.{config.image_format}"
-            _save_image(resize_image(window, config.size), image_path, config.image_format)
+            save_image(resize_image(window, config.size), image_path, config.image_format)
             counts["windows"] += 1
             common = {
                 "case": case.case_id,
@@ -870,8 +870,8 @@ def pseudo_label_case(
                     counts["kept"][c.source] += 1
     meta_dir = out_dir / "meta"
     meta_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(meta_dir / f"{case.case_id}.jsonl", "".join(r + "\n" for r in records))
-    _atomic_write(meta_dir / f"{case.case_id}.done.json", json.dumps(counts))
+    atomic_write(meta_dir / f"{case.case_id}.jsonl", "".join(r + "\n" for r in records))
+    atomic_write(meta_dir / f"{case.case_id}.done.json", json.dumps(counts))
     return counts
 
 
@@ -947,7 +947,7 @@ def pseudo_label_dataset(
     if overwrite and out_dir.exists():
         shutil.rmtree(out_dir)
     (out_dir / "meta").mkdir(parents=True, exist_ok=True)
-    _atomic_write(settings_path, json.dumps(settings, indent=2))
+    atomic_write(settings_path, json.dumps(settings, indent=2))
 
     meta = out_dir / "meta"
     done = [c for c in cases if (meta / f"{c.case_id}.done.json").is_file()]
@@ -965,7 +965,7 @@ def pseudo_label_dataset(
     summary = {"cases": len(cases)}
     summary.update(_summarise(results, failures, [t.name for t in gt], resumed=len(done)))
     summary["output"] = str(out_dir)
-    _atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2))
+    atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
