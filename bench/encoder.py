@@ -11,7 +11,11 @@ Target (issue 3): >= 75 % of peak for vit_b at 1024.
 windowed blocks), so the gain of our version is measured in the same run: timings on a shared
 VM vary by 10-20 % from run to run, so compare numbers from one run only.
 
-    python bench/encoder.py [--variants tiny vit_b] [--repeats 3] [--reference]
+The process runs with the allocator setting of the ``slidesam`` command
+(``slidesam.core.runtime.reuse_freed_memory``); ``--default-malloc`` leaves glibc's defaults, to
+measure what that setting is worth (run both, compare the ratios).
+
+    python bench/encoder.py [--variants tiny vit_b] [--repeats 3] [--reference] [--default-malloc]
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from slidesam.core.config import variant_config
+from slidesam.core.runtime import reuse_freed_memory
 from slidesam.modeling import build_model, common
 from slidesam.modeling import image_encoder as ie
 
@@ -139,8 +144,16 @@ def main() -> None:
         action="store_true",
         help="also time SAM's original attention arithmetic on the same weights",
     )
+    ap.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's allocator defaults instead of the slidesam command's setting",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    malloc = "glibc defaults" if args.default_malloc else "freed memory reused"
+    if not args.default_malloc and not reuse_freed_memory():
+        malloc = "glibc defaults (setting unavailable here)"
     peaks = [matmul_peak()]
     results = []
     for variant in args.variants:
@@ -152,7 +165,7 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {args.threads} threads; fp32 matmul peak (4096^3), "
         f"measured before and after: {' / '.join(f'{p / 1e9:.1f}' for p in peaks)} GFLOP/s; "
-        f"ratios use {peak / 1e9:.1f}"
+        f"ratios use {peak / 1e9:.1f}; allocator: {malloc}"
     )
     for row in results:
         report(*row, peak=peak)

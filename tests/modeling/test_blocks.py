@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from slidesam.core.config import variant_config
-from slidesam.modeling import build_model, set_trainable
+from slidesam.modeling import build_model, image_encoder, set_trainable
 from slidesam.modeling.image_encoder import (
     Attention,
     get_rel_pos,
@@ -22,8 +22,12 @@ def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
-def test_encoder_attention_equals_sams_explicit_formula():
+# bias built whole; one query row per chunk; chunks of 2, 2 and 1 rows (one reused buffer)
+@pytest.mark.parametrize("chunk_bytes", [None, 1, 2 * 2 * 4 * 6 * 5 * 6 * 4])
+def test_encoder_attention_equals_sams_explicit_formula(monkeypatch, chunk_bytes):
     # SAM computes softmax((q * scale) @ k^T + rel_h + rel_w) @ v; we use SDPA with the bias.
+    if chunk_bytes is not None:
+        monkeypatch.setattr(image_encoder, "_BIAS_CHUNK_BYTES", chunk_bytes)
     torch.manual_seed(0)
     attn = Attention(dim=32, num_heads=4, qkv_bias=True, input_size=(5, 6))
     _randomise(attn)
@@ -43,6 +47,8 @@ def test_encoder_attention_equals_sams_explicit_formula():
     )
     ref = (logits.softmax(-1) @ v).view(b, 4, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
     torch.testing.assert_close(attn(x), attn.proj(ref), rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():  # the path that reuses one bias buffer across chunks
+        torch.testing.assert_close(attn(x), attn.proj(ref), rtol=1e-5, atol=1e-5)
 
 
 def test_token_attention_equals_explicit_formula():

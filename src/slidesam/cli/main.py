@@ -10,6 +10,7 @@ import sys
 
 from slidesam import __version__
 from slidesam.core import InputError
+from slidesam.core.runtime import reuse_freed_memory
 
 # subcommand modules, each with ``register(subparsers)`` that sets ``func=run(args) -> int``
 _COMMANDS = (
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose
         else "%(levelname)s: %(message)s",
     )
+    reuse_freed_memory()  # the command owns the process: large tensors reuse freed memory
     try:
         return int(args.func(args) or 0)
     except (InputError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:

@@ -12,6 +12,8 @@ each block's activations in the backward pass instead of keeping them
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -184,10 +186,16 @@ class Attention(nn.Module):
             )
         else:
             out = torch.empty_like(q)
+            # inference: one bias buffer for every chunk (a fresh large tensor per chunk can cost
+            # more in page faults than the add that fills it); training keeps each chunk's bias
+            # for the backward pass, so each gets its own
+            buffer = None
+            if not torch.is_grad_enabled():
+                buffer = q.new_empty(b * self.num_heads * rows * w * h * w)
             for r0 in range(0, h, rows):
                 r1 = min(h, r0 + rows)
                 part = slice(r0 * w, r1 * w)
-                bias = decomposed_rel_pos(q[:, :, part], rh[r0:r1], rw, r1 - r0, w)
+                bias = decomposed_rel_pos(q[:, :, part], rh[r0:r1], rw, r1 - r0, w, out=buffer)
                 out[:, :, part] = F.scaled_dot_product_attention(
                     q[:, :, part], k, v, attn_mask=bias
                 )
@@ -195,7 +203,7 @@ class Attention(nn.Module):
 
 
 #: largest relative-position bias block built at once (bytes); see ``Attention.attend``
-_BIAS_CHUNK_BYTES = 32 * 2**20
+_BIAS_CHUNK_BYTES = 64 * 2**20
 
 
 def window_partition(
@@ -253,7 +261,13 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor
 
 
 def decomposed_rel_pos(
-    q: torch.Tensor, rh: torch.Tensor, rw: torch.Tensor, q_rows: int, width: int
+    q: torch.Tensor,
+    rh: torch.Tensor,
+    rw: torch.Tensor,
+    q_rows: int,
+    width: int,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Additive attention bias from MViTv2's decomposed relative positions (SAM's ``rel_h`` +
     ``rel_w``), for a block of ``q_rows`` full query rows of a square-or-not grid.
@@ -262,6 +276,8 @@ def decomposed_rel_pos(
         q: (B, heads, q_rows * width, C) unscaled queries (as in SAM).
         rh: (q_rows, k_h, C) rows of ``get_rel_pos`` for these query rows.
         rw: (width, k_w, C) from ``get_rel_pos``.
+        out: optional flat buffer of at least as many elements as the bias, to write it into
+            (no autograd through it).
 
     Returns:
         (B, heads, q_rows * width, k_h * k_w), contiguous.
@@ -273,5 +289,11 @@ def decomposed_rel_pos(
     rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw).contiguous()
     # einsum returns permuted strides, and a broadcast add would inherit them, making the final
     # reshape copy the whole bias again; from contiguous inputs the sum is contiguous (a view).
-    bias = rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)
+    shape = (b, heads, q_rows, width, k_h, k_w)
+    if out is None:
+        bias = rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)
+    else:
+        bias = torch.add(
+            rel_h.unsqueeze(-1), rel_w.unsqueeze(-2), out=out[: math.prod(shape)].view(shape)
+        )
     return bias.view(b, heads, q_rows * width, k_h * k_w)
