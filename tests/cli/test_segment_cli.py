@@ -272,3 +272,16 @@ def test_dicom_in_dicom_seg_out(tmp_path, checkpoint, monkeypatch):
         == 2
     )
     assert not (tmp_path / "n.nii.gz").exists()
+
+
+def test_propagation_flags_default_to_the_config_defaults():
+    # the command line keeps literal defaults (importing the config would import torch)
+    from slidesam.cli.main import build_parser
+    from slidesam.inference.propagation import PropagationConfig
+
+    args = build_parser().parse_args(
+        ["segment", "--image", "i.nii.gz", "--prompts", "p.json", "--out", "o.nii.gz"]
+    )
+    d = PropagationConfig()
+    for name in ("step", "iou_thresh", "stability_thresh", "nms_thresh", "min_area", "box_margin"):
+        assert getattr(args, name) == getattr(d, name), name

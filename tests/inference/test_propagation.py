@@ -59,8 +59,10 @@ def test_step_three_tiles_the_volume_with_a_third_of_the_passes():
     ]
     assert result.encoder_passes == 7
     np.testing.assert_array_equal(result.labels, (tube().array > 0.5).astype(np.uint8))
-    # the box of window 9 came from the edge slice 11 of window 12, with a 1 px margin
-    assert stub.calls[1] == (9, [19.0, 14.0, 30.0, 23.0])
+    # the box of window 9 came from the edge slice 11 of window 12 (x 20..29, y 15..22), each
+    # side moved in by the default 2 % of the side
+    assert stub.calls[1][0] == 9
+    assert stub.calls[1][1] == pytest.approx([20.2, 15.16, 28.8, 21.84])
 
 
 @pytest.mark.parametrize("step", [1, 3])
@@ -209,8 +211,13 @@ def test_prompt_checks():
 def test_helpers_by_hand():
     m = np.zeros((10, 20), bool)
     m[2:5, 4:14] = True  # x 4..13 (10 px), y 2..4 (3 px)
-    assert mask_to_box(m, 0.1, (10, 20)) == [3.0, 1.0, 14.0, 5.0]  # margin max(1, 0.1 * side)
-    assert mask_to_box(m, 0.0, (10, 20)) == [3.0, 1.0, 14.0, 5.0]
+    assert mask_to_box(m, 0.0, (10, 20)) == [4.0, 2.0, 13.0, 4.0]  # inclusive pixel indices
+    assert mask_to_box(m, 0.1, (10, 20)) == pytest.approx([3.0, 1.7, 14.0, 4.3])  # 0.1 x side
+    assert mask_to_box(m, -0.2, (10, 20)) == pytest.approx([6.0, 2.6, 11.0, 3.4])
+    assert mask_to_box(m, 0.5, (10, 20)) == pytest.approx([0.0, 0.5, 18.0, 5.5])  # clipped at 0
+    dot = np.zeros((10, 20), bool)
+    dot[5, 7] = True
+    assert mask_to_box(dot, -0.25, (10, 20)) == [7.0, 5.0, 7.0, 5.0]  # never inside out
     speck = np.zeros((30, 30), bool)
     speck[5:25, 5:25] = True
     speck[0, 0] = True  # a lone pixel: opening (radius round(sqrt(401)/10) = 2) removes it
