@@ -171,7 +171,7 @@ class Attention(nn.Module):
 
         The relative-position bias (B, heads, HW, HW) is built and used a block of query rows at
         a time, at most ``_BIAS_CHUNK_BYTES``: exact (rows are independent), and for vit_b's
-        global blocks at 1024 px it replaces an 805 MB tensor per block by 25 MB ones.
+        global blocks at 1024 px it replaces an 805 MB tensor per block by 63 MB ones.
         """
         b, h, w, _ = qkv.shape
         # (3, B, heads, HW, head_dim)
