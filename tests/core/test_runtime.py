@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -9,37 +10,34 @@ from slidesam.cli import main as cli_main
 from slidesam.core import runtime
 
 
-def _has_mallopt() -> bool:
-    try:
-        return sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "mallopt")
-    except OSError:
-        return False
-
-
 def test_reuse_freed_memory_sets_both_glibc_thresholds(monkeypatch):
-    if not _has_mallopt():
-        pytest.skip("needs Linux with glibc's mallopt")
     calls = []
-    real = ctypes.CDLL
 
-    class Recording:
-        def __init__(self, name):
-            self._lib = real(name)
+    def mallopt(param, value):
+        calls.append((param, value))
+        return 1
 
-        @property
-        def mallopt(self):
-            fn = self._lib.mallopt
-
-            def record(param, value):
-                calls.append((param, value))
-                return fn(param, value)
-
-            record.argtypes = record.restype = None
-            return record
-
-    monkeypatch.setattr(runtime.ctypes, "CDLL", Recording)
+    monkeypatch.setattr(runtime.sys, "platform", "linux")
+    monkeypatch.setattr(runtime.ctypes, "CDLL", lambda name: SimpleNamespace(mallopt=mallopt))
     assert runtime.reuse_freed_memory(256 << 20) is True
     assert calls == [(runtime._M_MMAP_THRESHOLD, 256 << 20), (runtime._M_TRIM_THRESHOLD, 256 << 20)]
+    assert mallopt.argtypes == (ctypes.c_int, ctypes.c_int)  # no silent int truncation
+
+
+def test_reuse_freed_memory_on_this_machine():
+    try:
+        glibc = sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "mallopt")
+    except OSError:
+        glibc = False
+    if not glibc:
+        pytest.skip("needs Linux with glibc's mallopt")
+    assert runtime.reuse_freed_memory() is True  # glibc accepted both values
+
+
+def test_reuse_freed_memory_without_mallopt_changes_nothing(monkeypatch):
+    monkeypatch.setattr(runtime.sys, "platform", "linux")
+    monkeypatch.setattr(runtime.ctypes, "CDLL", lambda name: SimpleNamespace())  # e.g. musl
+    assert runtime.reuse_freed_memory() is False
 
 
 def test_reuse_freed_memory_is_a_no_op_off_linux(monkeypatch):
