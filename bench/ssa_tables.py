@@ -1,4 +1,4 @@
-"""The SSA paper's tables, regenerated on phantoms with the embedded models.
+r"""The SSA paper's tables, regenerated on phantoms with the embedded models.
 
     python bench/ssa_tables.py [--cases 8] [--seed 5000] [--out bench_out/ssa]
 
@@ -16,6 +16,16 @@ rejected slice becomes, for both box modes (paper, 3D boxes: 0.631, 0.708, 0.736
 isolates stage 2 from stage-1 errors, and with rigid registration.
 
 Speed: per-stage seconds per case (stage 1, registration, stage 2) and the peak RSS.
+
+The per-phase baselines are the embedded U-Net's recipe on that phase's phantoms (~45 min each
+on one core here):
+
+    slidesam phantom --out data/unet_plain --cases 120 --seed 0 --phases plain
+    OMP_NUM_THREADS=1 slidesam unet-train --config configs/unet_arterial_phantom.yaml \
+        --data data/unet_plain/Dataset501_RenalPhantomPlain --phase plain --out runs/unet_plain
+    (venous: the same with Dataset503_RenalPhantomVenous, --phase venous)
+    python bench/ssa_tables.py --baseline plain=runs/unet_plain/best.pt \
+        --baseline venous=runs/unet_venous/best.pt
 """
 
 from __future__ import annotations

@@ -375,6 +375,14 @@ def test_cli_trains_from_a_config(tiny_cohort, tmp_path, capsys):
     args = parser.parse_args(["unet-train", "--config", str(tmp_path / "bad.yaml")])
     with pytest.raises(InputError, match=r"unknown key.*epoch"):
         args.func(args)
+    # --data / --phase replace the config's folders and phase (checked before any training)
+    good = ["unet-train", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "r2")]
+    args = parser.parse_args([*good, "--phase", "plain"])
+    with pytest.raises(InputError, match=r"dataset.json says phase 'arterial'.*phase 'plain'"):
+        args.func(args)
+    args = parser.parse_args([*good, "--data", str(tmp_path)])
+    with pytest.raises(InputError, match="not an nnU-Net raw dataset"):
+        args.func(args)
     help_text = parser._subparsers._group_actions[0].choices["unet-train"].format_help()
     assert "--config" in help_text
     assert "best.pt" in help_text

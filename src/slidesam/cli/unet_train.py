@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,6 +25,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", required=True, metavar="CONFIG.yaml", help="training config (YAML)")
     p.add_argument("--out", metavar="DIR", help="run folder, overriding run.out_dir of the config")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        metavar="DIR",
+        help="nnU-Net raw dataset folder(s), overriding data.folders (e.g. the same recipe on "
+        "another phase's dataset, as the per-phase baselines of bench/ssa_tables.py)",
+    )
+    p.add_argument(
+        "--phase",
+        help="the phase the data hold and the model is for, overriding model.phase",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -36,6 +48,10 @@ def run(args: argparse.Namespace) -> int:
     config = load_unet_train_config(args.config)
     if args.out:
         config = config.with_out_dir(args.out)
+    if args.data:
+        config = replace(config, data=replace(config.data, folders=tuple(args.data)))
+    if args.phase:
+        config = replace(config, model=replace(config.model, phase=args.phase))
     best = train_unet(config, progress=not args.no_progress)
     extra = load_unet_checkpoint(best).extra
     scores = extra.get("validation") or {}
