@@ -55,3 +55,13 @@ def test_the_command_applies_it_before_running_a_subcommand(monkeypatch, tmp_pat
     assert cli_main.main(["evaluate", "--pred", missing, "--gt", missing]) == 2
     assert seen == [True]
     assert "ground-truth folder does not exist" in capsys.readouterr().err
+
+
+def test_torch_threads_restores_the_previous_count():
+    import torch
+
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError), runtime.torch_threads(before + 1):
+        assert torch.get_num_threads() == before + 1
+        raise RuntimeError("the count comes back even on error")
+    assert torch.get_num_threads() == before

@@ -4,10 +4,12 @@ them, never an import: a library must not change the allocator of the program th
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import sys
+from collections.abc import Iterator
 
-__all__ = ["reuse_freed_memory"]
+__all__ = ["reuse_freed_memory", "torch_threads"]
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -42,3 +44,16 @@ def reuse_freed_memory(threshold_bytes: int = 1 << 30) -> bool:
     mallopt.restype = ctypes.c_int
     value = int(threshold_bytes)
     return bool(mallopt(_M_MMAP_THRESHOLD, value)) and bool(mallopt(_M_TRIM_THRESHOLD, value))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block with ``torch.set_num_threads(n)``; the previous count is restored after."""
+    import torch  # here, not at the top: slidesam.core does not import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

@@ -24,7 +24,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import logging
 import time
@@ -36,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 from slidesam.core.errors import InputError
+from slidesam.core.runtime import torch_threads
 from slidesam.modeling.sam3d import (
     Sam3D,
     build_sam3d,
@@ -132,16 +132,6 @@ def _dice(pred: torch.Tensor, gt: torch.Tensor) -> float:
     return 1.0 if s == 0 else 2.0 * int((pred & gt).sum()) / s
 
 
-@contextlib.contextmanager
-def _threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def build_for_training(config: MSamTrainConfig) -> Sam3D:
     """The model of ``config.model``: variant + options, optional SAM-Med3D init, trainable set."""
     mcfg = variant3d_config(config.model.variant, **dict(config.model.options))
@@ -170,7 +160,7 @@ def train_msam(config: MSamTrainConfig, *, progress: bool = True) -> Path:
     config.save(out / "config.yaml")
     t0 = time.perf_counter()
 
-    with _threads(run.num_threads):
+    with torch_threads(run.num_threads):
         labels = config.data.target_labels
 
         def load(files):

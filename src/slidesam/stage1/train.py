@@ -39,7 +39,6 @@ scores, the case split and the training config).
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import logging
@@ -55,6 +54,7 @@ from tqdm import tqdm
 
 from slidesam.core import InputError, Volume
 from slidesam.core.configfile import SectionedConfig
+from slidesam.core.runtime import torch_threads
 from slidesam.data.io import read_image, read_label
 from slidesam.evaluation.metrics import binary_scores
 from slidesam.stage1.unet import (
@@ -484,16 +484,6 @@ def _validate(stage: UNetStage1, cases: list[tuple[str, Volume, Volume]]) -> dic
     }
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 # ----------------------------------------------------------------------------------------------
 # training
 # ----------------------------------------------------------------------------------------------
@@ -536,7 +526,7 @@ def train_unet(config: UNetTrainConfig, *, progress: bool = True) -> Path:
     ]
 
     t_start, cpu_start = time.perf_counter(), time.process_time()
-    with _torch_threads(run.num_threads):
+    with torch_threads(run.num_threads):
         train_cases = [
             _load_train_case(f, mcfg, config.train_patch)
             for f in tqdm(train_files, desc="loading", unit="case", disable=not progress)
