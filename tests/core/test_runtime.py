@@ -61,7 +61,14 @@ def test_torch_threads_restores_the_previous_count():
     import torch
 
     before = torch.get_num_threads()
-    with pytest.raises(RuntimeError), runtime.torch_threads(before + 1):
-        assert torch.get_num_threads() == before + 1
-        raise RuntimeError("the count comes back even on error")
+    seen = []
+
+    def body():
+        with runtime.torch_threads(before + 1):
+            seen.append(torch.get_num_threads())
+            raise RuntimeError("the count comes back even on error")
+
+    with pytest.raises(RuntimeError):
+        body()
+    assert seen == [before + 1]
     assert torch.get_num_threads() == before
