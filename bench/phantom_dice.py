@@ -30,6 +30,11 @@ def tumor_prompt(labels: np.ndarray) -> Prompt:
     return Prompt(slice=z, box=(xs.min(), ys.min(), xs.max(), ys.max()), label=1)
 
 
+def _extent(mask: np.ndarray) -> str:
+    z = np.flatnonzero(mask.any(axis=(1, 2)))
+    return f"{z[0]}-{z[-1]}" if z.size else "none"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--checkpoint", help="default: the embedded model")
@@ -39,6 +44,11 @@ def main() -> None:
     ap.add_argument("--steps", nargs="+", type=int, default=[3, 1])
     ap.add_argument("--iou-thresh", type=float, default=0.4, help="stop rule (paper: 0.4)")
     ap.add_argument("--stability-thresh", type=float, default=0.6, help="stop rule (0.6)")
+    ap.add_argument(
+        "--per-case",
+        action="store_true",
+        help="also print each case: tumor diameter, slices predicted vs true, Dice",
+    )
     args = ap.parse_args()
     model = load_any(args.checkpoint)
     predictor = slidesam.SlideSAMPredictor(model)
@@ -57,6 +67,12 @@ def main() -> None:
                 result = seg.segment(image, [prompt])
                 score = binary_scores(result.labels > 0, labels == 2, spacing=image.spacing)
                 dice.setdefault((phase, step), []).append(score.dice)
+                if args.per_case:
+                    print(
+                        f"  {case.case_id} {case.truth['tumor_diameter_mm']:5.1f} mm {phase:<9} "
+                        f"step {step}: slices {_extent(result.labels > 0)} (true "
+                        f"{_extent(labels == 2)}, prompt {prompt.slice}), Dice {score.dice:.3f}"
+                    )
     print(
         f"checkpoint {args.checkpoint or 'embedded default'}: {args.cases} new phantom cases "
         f"(seed {args.seed}), GT box on the largest tumor slice, stop below predicted IoU "

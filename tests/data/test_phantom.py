@@ -349,6 +349,9 @@ def test_cli_writes_a_cohort(tmp_path, capsys):
             "--phases",
             "plain",
             "venous",
+            "--tumor-diameter-mm",
+            "12",
+            "14",
             "--no-progress",
             *SMALL_ARGS,
         ]
@@ -363,6 +366,8 @@ def test_cli_writes_a_cohort(tmp_path, capsys):
     meta = json.loads((out / "phantom.json").read_text())
     assert meta["seed"] == 3
     assert meta["config"]["phases"] == ["plain", "venous"]
+    assert meta["config"]["tumor_diameter_mm"] == [12.0, 14.0]
+    assert 12.0 <= meta["cases"][0]["tumor_diameter_mm"] <= 14.0
 
 
 @pytest.mark.parametrize(
@@ -371,6 +376,8 @@ def test_cli_writes_a_cohort(tmp_path, capsys):
         (["--phases", "plain", "bogus"], "unknown phase 'bogus'"),
         (["--cases", "0"], "--cases must be at least 1"),
         (["--shape", "10", "96", "96"], "too small"),
+        (["--tumor-diameter-mm", "30", "20"], "tumor_diameter_mm must be finite with low <= high"),
+        (["--tumor-diameter-mm", "2", "20"], "tumor_diameter_mm must lie in 5..70 mm"),
     ],
 )
 def test_cli_reports_bad_arguments(tmp_path, capsys, args, message):

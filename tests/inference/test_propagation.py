@@ -226,3 +226,35 @@ def test_helpers_by_hand():
     assert denoise(speck, enabled=False)[0, 0]
     lg = np.array([[2.0, 0.5, -0.5, -2.0]])
     assert stability_3d(lg) == pytest.approx(1 / 3)
+
+
+class EmptyFirstPredictor(ThresholdPredictor):
+    """Ranks an all-empty third candidate first (predicted IoU 0.95 against 0.5), as a model
+    trained with "nothing here" samples can do on a faint object."""
+
+    def predict(self, window_center, **kwargs):
+        out = super().predict(window_center, **kwargs)
+        out.logits[0, 2] = -5.0
+        out.masks[0, 2] = False
+        out.iou[0] = [0.5, 0.5, 0.95]
+        return out
+
+
+def test_an_anchor_never_answers_a_prompt_with_an_empty_candidate():
+    stub = EmptyFirstPredictor()
+    seg = VolumeSegmenter(stub, PropagationConfig(step=1))
+    result = seg.segment(tube(), [Prompt(slice=12, box=BOX)])
+    # the anchor window takes the best non-empty candidate (its 3 slices are segmented) ...
+    assert result.labels[11:14, 15:23, 20:30].all()
+    assert result.labels.sum() == 3 * 8 * 10
+    # ... but a propagated window keeps the ranking: its empty answer (stability 0) is not
+    # accepted and ends both directions
+    assert [(c, a) for _, c, a in result.windows] == [(12, True), (11, False), (13, False)]
+    rec = {r.slice: r for r in result.records}
+    assert rec[12].iou == pytest.approx(0.5)  # the kept candidate's own IoU
+    # only empty candidates: the anchor keeps the top one (nothing to segment)
+    blank = VolumeSegmenter(stub, PropagationConfig(step=1)).segment(
+        tube(first=25, last=28), [Prompt(slice=12, box=BOX)]
+    )
+    assert blank.labels.sum() == 0
+    assert blank.records[0].iou == pytest.approx(0.95)

@@ -30,8 +30,10 @@ from slidesam.training.config import (
 )
 from slidesam.training.trainer import (
     LOG_COLUMNS,
+    _MixSampler,
     batch_loss,
     build_training_model,
+    class_mix,
     find_val_volumes,
     log_columns,
     lr_factor,
@@ -412,3 +414,47 @@ def test_fp16_amp_path_with_loss_scale_runs_and_resumes(prepared, tmp_path):
     assert result["steps"] == 6
     assert math.isfinite(result["train_loss"])
     assert 0.0 <= result["val_dice"] <= 1.0
+
+
+def test_class_mix_keeps_folder_shares_and_weighs_classes():
+    # folder 0: samples 0-3 (3 kidney, 1 tumor); folder 1: samples 4-5 (1 kidney, 1 tumor)
+    index = [np.array([0, 1, 2, 3]), np.array([4, 5])]
+    classes = ["kidney", "kidney", "kidney", "tumor", "kidney", "tumor"]
+    groups, weights = class_mix(index, classes, None, {"tumor": 3})
+    assert [g.tolist() for g in groups] == [[0, 1, 2], [3], [4], [5]]
+    # folder 0 keeps its share 4 (its size): kidney mass 3, tumor 3 -> 2 and 2;
+    # folder 1 keeps 2: kidney 1, tumor 3 -> 0.5 and 1.5
+    assert weights == pytest.approx([2.0, 2.0, 0.5, 1.5])
+    groups, weights = class_mix(index, classes, [1.0, 3.0], {"tumor": 3})
+    assert weights == pytest.approx([0.5, 0.5, 0.75, 2.25])
+    # no class weights: the folders unchanged, as before the option existed
+    groups, weights = class_mix(index, classes, [1.0, 3.0], None)
+    assert [g.tolist() for g in groups] == [[0, 1, 2, 3], [4, 5]]
+    assert weights == [1.0, 3.0]
+    assert class_mix(index, classes, None, None)[1] is None
+    with pytest.raises(InputError, match=r"class_weights names class\(es\) lesion"):
+        class_mix(index, classes, None, {"lesion": 2})
+
+
+def test_class_weights_change_what_the_sampler_draws(prepared):
+    ds = WindowDataset(prepared)
+    classes = ds.sample_classes()
+    assert sorted(set(classes)) == ["kidney", "tumor"]
+    assert classes.count("tumor") == 4
+    index = [np.arange(len(ds))]
+    for class_weights, expected in ((None, 4 / 12), ({"tumor": 4}, 16 / 24)):
+        groups, weights = class_mix(index, classes, None, class_weights)
+        sampler = _MixSampler(groups, weights, 20000, seed=1)
+        drawn = np.array(classes)[np.fromiter(sampler, np.int64)]
+        assert (drawn == "tumor").mean() == pytest.approx(expected, abs=0.015)
+
+
+@pytest.mark.parametrize("value", [0, -1.0, "x", float("inf")])
+def test_class_weights_must_be_positive(tmp_path, value):
+    data = {"folders": ["a"], "class_weights": {"tumor": value}}
+    with pytest.raises(InputError, match=r"data\.class_weights"):
+        load_train_config(_yaml(tmp_path, {"data": data}))
+    ok = load_train_config(
+        _yaml(tmp_path, {"data": {"folders": ["a"], "class_weights": {"tumor": 3}}})
+    )
+    assert ok.data.class_weights == {"tumor": 3.0}

@@ -61,6 +61,14 @@ def register(subparsers) -> None:
         help="largest patient motion per axis between phases, mm (4; 0 disables)",
     )
     p.add_argument(
+        "--tumor-diameter-mm",
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        default=None,
+        help="range of the tumor diameter, drawn uniformly, mm (10 60)",
+    )
+    p.add_argument(
         "--same-z-spacing",
         action="store_true",
         help="give every phase the plain z-spacing (default: 2.5/3/3.5 mm varies)",
@@ -93,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
         overrides["phases"] = tuple(args.phases)
     if args.motion_mm is not None:
         overrides["motion_mm"] = args.motion_mm
+    if args.tumor_diameter_mm is not None:
+        overrides["tumor_diameter_mm"] = tuple(args.tumor_diameter_mm)
     config = PhantomConfig(
         vary_z_spacing=not args.same_z_spacing, random_flips=args.random_flips, **overrides
     )

@@ -3,7 +3,8 @@
 Per object (all prompts with one ``label``), every prompted slice is an *anchor*:
 
 1. The anchor's window (centred on its slice) is predicted from its prompt (box, points, mask,
-   merged when several are given on one slice). The user's prompt always wins on its own slice.
+   merged when several are given on one slice). The user's prompt always wins on its own slice,
+   and its answer is never empty there when a candidate is not (``_best_candidate``).
 2. From each anchor the segmenter walks both directions. The mask on the window's edge slice
    (centre +- 1) is denoised by a morphological opening (square kernel of radius
    ``round(sqrt(area) / 10)``, at most 3), turned into a box, and prompts the next window,
@@ -42,6 +43,7 @@ from typing import Protocol
 
 import numpy as np
 from scipy import ndimage
+from scipy.special import expit
 
 from slidesam.core import InputError, Volume
 from slidesam.core.prompts import Prompt
@@ -292,7 +294,7 @@ class VolumeSegmenter:
     def _predict(self, label: int, center: int, prompt: dict, accept_always: bool = False):
         cfg = self.config
         out = self.predictor.predict(center, multimask=cfg.multimask, **prompt)
-        best = int(out.iou[0].argmax()) if cfg.multimask else 0
+        best = _best_candidate(out.logits[0], out.iou[0], anchor=accept_always)
         logits = out.logits[0, best]  # (3, H, W), or (1, H, W) for a plain SAM
         iou = float(out.iou[0, best])
         accepted = accept_always or (
@@ -354,7 +356,7 @@ class VolumeSegmenter:
         }
         for k, per_slice in fused.items():
             for s, lg in per_slice.items():
-                probs[k][s] = 1.0 / (1.0 + np.exp(-lg))
+                probs[k][s] = expit(lg)
         for s in sorted({s for per in fused.values() for s in per}):
             present = {k: fused[k][s] for k in fused if s in fused[k]}
             self._nms(present, tracks, s)
@@ -391,6 +393,22 @@ class VolumeSegmenter:
                 del present[k]
             else:
                 kept.append(k)
+
+
+def _best_candidate(logits: np.ndarray, iou: np.ndarray, *, anchor: bool) -> int:
+    """Index of the candidate to keep among (C, S, H, W) ``logits`` with predicted ``iou`` (C,):
+    the highest predicted IoU; on an anchor (the user's own prompt) only among candidates that
+    are non-empty on the prompted (centre) slice, when any is. A user's box or click says that
+    an object is there, but a model trained with "nothing here" samples (past an object's end)
+    can rank its empty candidate first on a faint object: that answer ends a propagation, it
+    never answers the user."""
+    order = np.argsort(-np.asarray(iou), kind="stable")
+    if anchor:
+        centre = logits.shape[1] // 2
+        for c in order:
+            if (logits[c, centre] > 0).any():
+                return int(c)
+    return int(order[0])
 
 
 def _merge_by_slice(prompts: list[Prompt]) -> dict[int, dict]:

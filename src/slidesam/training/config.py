@@ -3,7 +3,7 @@
 A config file has seven sections, each optional (missing keys take the defaults below)::
 
     data:    {folders: [OUT/Dataset001], weights: null, classes: null, image_size: null,
-              samples_per_epoch: null}
+              samples_per_epoch: null, class_weights: null}
     model:   {variant: tiny, init_checkpoint: null, lora_rank: 8, trainable: lora,
               roi_context: null, grad_checkpointing: false}
     loss:    LossConfig fields     (slidesam.training.losses)
@@ -63,6 +63,10 @@ class DataConfig:
             (the only value allowed: prompts are in model-input pixels). Windows prepared at
             another size are resized on reading.
         samples_per_epoch: samples drawn per epoch; None = the number of training samples.
+        class_weights: class name -> sampling weight inside each folder (a sample of class c
+            is drawn ``class_weights[c]`` times as often as under uniform drawing; classes not
+            named weigh 1), e.g. ``{tumor: 3}`` when the tumor is what matters and its windows
+            are a minority. The folders' mix (``weights``) stays as it is. None = uniform.
     """
 
     folders: tuple[str, ...] = ()
@@ -70,6 +74,7 @@ class DataConfig:
     classes: tuple[str, ...] | None = None
     image_size: int | None = None
     samples_per_epoch: int | None = None
+    class_weights: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         if not self.folders:
@@ -80,6 +85,13 @@ class DataConfig:
             )
         if self.weights is not None and any(not w > 0 for w in self.weights):
             raise InputError(f"data.weights must be positive, got {list(self.weights)}")
+        if self.class_weights is not None and any(
+            not isinstance(w, int | float) or not 0 < w < float("inf")
+            for w in self.class_weights.values()
+        ):
+            raise InputError(
+                f"data.class_weights must be positive numbers, got {dict(self.class_weights)}"
+            )
         if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
             raise InputError(f"data.samples_per_epoch must be >= 1, got {self.samples_per_epoch}")
 

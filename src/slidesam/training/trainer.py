@@ -657,6 +657,46 @@ def _prepare_data(config: TrainConfig, size: int, roi_context: float = 0.0) -> _
     return _Data(dataset, train_index, val_dataset, val_index)
 
 
+def class_mix(
+    index: Sequence[np.ndarray],
+    classes: Sequence[str],
+    weights: Sequence[float] | None,
+    class_weights: Mapping[str, float] | None,
+) -> tuple[list[np.ndarray], list[float] | None]:
+    """Split each folder's training indices into one group per class, weighted so that a
+    folder keeps its share of the draws (``weights``; None = in proportion to its size) and a
+    sample of class c inside it is drawn ``class_weights[c]`` (default 1) times as often as
+    under uniform drawing. Without ``class_weights`` the folders are returned unchanged.
+
+    Args:
+        index: per folder, global sample indices (``_Data.train_index``).
+        classes: class name of every global sample index (``WindowDataset.sample_classes``).
+
+    Returns:
+        (groups, group weights) for ``_MixSampler``.
+    """
+    if not class_weights:
+        return list(index), None if weights is None else list(weights)
+    names = np.asarray(classes)
+    unknown = sorted(set(class_weights) - set(names.tolist()))
+    if unknown:
+        raise InputError(
+            f"data.class_weights names class(es) {', '.join(unknown)} that no training sample "
+            f"has; the samples' classes are {', '.join(sorted(set(names.tolist())))}"
+        )
+    sizes = [int(i.size) for i in index]
+    shares = list(weights) if weights is not None else sizes
+    groups, out = [], []
+    for folder, share in zip(index, shares, strict=True):
+        by_class = {c: folder[names[folder] == c] for c in sorted(set(names[folder].tolist()))}
+        mass = {c: idx.size * float(class_weights.get(c, 1.0)) for c, idx in by_class.items()}
+        total = sum(mass.values())
+        for c, idx in by_class.items():
+            groups.append(idx)
+            out.append(float(share) * mass[c] / total)
+    return groups, out
+
+
 class _MixSampler(Sampler[int]):
     """The training indices of each folder, mixed by weight, redrawn from (seed, epoch); with
     ``world.size`` N > 1, this rank's items r, r + N, ... of the list padded cyclically to a
@@ -972,7 +1012,13 @@ def _train(
     columns = log_columns(validator.classes)
 
     num_samples = config.data.samples_per_epoch or sum(int(i.size) for i in data.train_index)
-    sampler = _MixSampler(data.train_index, config.data.weights, num_samples, run.seed, world)
+    groups, weights = class_mix(
+        data.train_index,
+        data.dataset.sample_classes(),
+        config.data.weights,
+        config.data.class_weights,
+    )
+    sampler = _MixSampler(groups, weights, num_samples, run.seed, world)
     loader = DataLoader(
         data.dataset, batch_size=o.batch_size, sampler=sampler, num_workers=run.num_workers
     )

@@ -615,6 +615,13 @@ class WindowDataset(Dataset):
             (self._windows[int(w)].dataset, self._windows[int(w)].case) for w in self._window_ids
         ]
 
+    def sample_classes(self) -> list[str]:
+        """Class name of every sample's target, in index order, without reading any file."""
+        return [
+            self._windows[int(w)].class_names[int(p)]
+            for w, p in zip(self._window_ids, self._positions, strict=True)
+        ]
+
     def get(self, index: int, *, rng: np.random.Generator | None = None) -> WindowSample:
         """Read sample ``index`` and augment it (if configured) with ``rng``.
 
