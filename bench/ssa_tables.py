@@ -42,7 +42,7 @@ from PIL import Image, ImageDraw
 from slidesam.core import PHASES, Volume
 from slidesam.data.phantom import PhantomConfig, generate_case
 from slidesam.evaluation.metrics import binary_scores
-from slidesam.inference.models import default_model
+from slidesam.inference.models import load_any
 from slidesam.inference.predictor import SlideSAMPredictor
 from slidesam.ssa.boxes import resample_mask
 from slidesam.ssa.confidence import REJECTED
@@ -92,15 +92,17 @@ def main() -> None:
         metavar="PHASE=CKPT",
         help="a U-Net trained on that phase alone (slidesam unet-train), the paper's baseline",
     )
+    ap.add_argument("--checkpoint", help="Slide-SAM checkpoint (default: the embedded model)")
+    ap.add_argument("--unet", help="stage-1 U-Net checkpoint (default: the embedded model)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    unet = default_unet()
+    unet = load_unet(args.unet) if args.unet else default_unet()
     baselines = {p: None for p in PHASES}
     for spec in args.baseline:
         phase, _, path = spec.partition("=")
         baselines[phase] = load_unet(path)
     baselines["arterial"] = baselines["arterial"] or unet
-    predictor = SlideSAMPredictor(default_model())
+    predictor = SlideSAMPredictor(load_any(args.checkpoint))
     table1: dict[str, dict[str, list[float]]] = {
         p: {"moved": [], "baseline": [], "ssa": []} for p in PHASES
     }

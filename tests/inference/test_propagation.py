@@ -252,6 +252,9 @@ def test_an_anchor_never_answers_a_prompt_with_an_empty_candidate():
     assert [(c, a) for _, c, a in result.windows] == [(12, True), (11, False), (13, False)]
     rec = {r.slice: r for r in result.records}
     assert rec[12].iou == pytest.approx(0.5)  # the kept candidate's own IoU
+    # switched off (SSA's machine-made boxes may say "nothing here"): the ranking stands
+    off = VolumeSegmenter(stub, PropagationConfig(step=1, anchor_nonempty=False))
+    assert off.segment(tube(), [Prompt(slice=12, box=BOX)]).labels.sum() == 0
     # only empty candidates: the anchor keeps the top one (nothing to segment)
     blank = VolumeSegmenter(stub, PropagationConfig(step=1)).segment(
         tube(first=25, last=28), [Prompt(slice=12, box=BOX)]

@@ -4,7 +4,9 @@ Per object (all prompts with one ``label``), every prompted slice is an *anchor*
 
 1. The anchor's window (centred on its slice) is predicted from its prompt (box, points, mask,
    merged when several are given on one slice). The user's prompt always wins on its own slice,
-   and its answer is never empty there when a candidate is not (``_best_candidate``).
+   and its answer there is never empty when a candidate is not (``anchor_nonempty``; measured
+   with the embedded model on 12 new phantoms of a cohort with three 10-12 mm tumors: tumor
+   Dice 0.551 -> 0.688 plain, 0.552 -> 0.589 arterial, where the top candidate had been "empty").
 2. From each anchor the segmenter walks both directions. The mask on the window's edge slice
    (centre +- 1) is denoised by a morphological opening (square kernel of radius
    ``round(sqrt(area) / 10)``, at most 3), turned into a box, and prompts the next window,
@@ -67,6 +69,7 @@ class PropagationConfig:
     opening: bool = True
     mask_prompt: bool = False
     nms_thresh: float = 0.7
+    anchor_nonempty: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -294,7 +297,8 @@ class VolumeSegmenter:
     def _predict(self, label: int, center: int, prompt: dict, accept_always: bool = False):
         cfg = self.config
         out = self.predictor.predict(center, multimask=cfg.multimask, **prompt)
-        best = _best_candidate(out.logits[0], out.iou[0], anchor=accept_always)
+        nonempty = accept_always and cfg.anchor_nonempty
+        best = _best_candidate(out.logits[0], out.iou[0], nonempty=nonempty)
         logits = out.logits[0, best]  # (3, H, W), or (1, H, W) for a plain SAM
         iou = float(out.iou[0, best])
         accepted = accept_always or (
@@ -395,15 +399,15 @@ class VolumeSegmenter:
                 kept.append(k)
 
 
-def _best_candidate(logits: np.ndarray, iou: np.ndarray, *, anchor: bool) -> int:
+def _best_candidate(logits: np.ndarray, iou: np.ndarray, *, nonempty: bool) -> int:
     """Index of the candidate to keep among (C, S, H, W) ``logits`` with predicted ``iou`` (C,):
-    the highest predicted IoU; on an anchor (the user's own prompt) only among candidates that
-    are non-empty on the prompted (centre) slice, when any is. A user's box or click says that
-    an object is there, but a model trained with "nothing here" samples (past an object's end)
-    can rank its empty candidate first on a faint object: that answer ends a propagation, it
-    never answers the user."""
+    the highest predicted IoU; with ``nonempty`` (an anchor: the user's own prompt) only among
+    candidates that are non-empty on the prompted (centre) slice, when any is. A user's box or
+    click says that an object is there, but a model trained with "nothing here" samples (past
+    an object's end) can rank its empty candidate first on a faint object: that answer ends a
+    propagation, it should not answer the user."""
     order = np.argsort(-np.asarray(iou), kind="stable")
-    if anchor:
+    if nonempty:
         centre = logits.shape[1] // 2
         for c in order:
             if (logits[c, centre] > 0).any():
