@@ -17,13 +17,18 @@ isolates stage 2 from stage-1 errors, and with rigid registration.
 
 Speed: per-stage seconds per case (stage 1, registration, stage 2) and the peak RSS.
 
-The per-phase baselines are the embedded U-Net's recipe on that phase's phantoms (~45 min each
-on one core here):
+The per-phase baselines are the embedded U-Net's recipe (configs/unet_arterial_phantom.yaml:
+the same three cohorts, 240 epochs) on that phase's phantoms (~46 min each on one core here):
 
-    slidesam phantom --out data/unet_plain --cases 120 --seed 0 --phases plain
+    slidesam phantom --out data/unet_plain_raw --cases 120 --seed 0 --phases plain
+    slidesam phantom --out data/unet_plain_small --cases 80 --seed 1 --phases plain \
+        --tumor-diameter-mm 10 25
+    slidesam phantom --out data/unet_plain_tiny --cases 80 --seed 2 --phases plain \
+        --tumor-diameter-mm 10 16
     OMP_NUM_THREADS=1 slidesam unet-train --config configs/unet_arterial_phantom.yaml \
-        --data data/unet_plain/Dataset501_RenalPhantomPlain --phase plain --out runs/unet_plain
-    (venous: the same with Dataset503_RenalPhantomVenous, --phase venous)
+        --phase plain --out runs/unet_plain \
+        --data data/unet_plain_{raw,small,tiny}/Dataset501_RenalPhantomPlain
+    (venous: the same with --phases venous, Dataset503_RenalPhantomVenous, --phase venous)
     python bench/ssa_tables.py --baseline plain=runs/unet_plain/best.pt \
         --baseline venous=runs/unet_venous/best.pt
 """

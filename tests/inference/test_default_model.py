@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from importlib.resources import files
+from pathlib import Path
 
 import numpy as np
+import pytest
 
 from slidesam.core.prompts import Prompt
 from slidesam.data.phantom import PhantomConfig, generate_case
@@ -12,6 +14,7 @@ from slidesam.evaluation.metrics import binary_scores
 from slidesam.inference.models import DEFAULT_MODEL_FILE, default_model
 from slidesam.inference.predictor import SlideSAMPredictor
 from slidesam.inference.propagation import PropagationConfig, VolumeSegmenter
+from slidesam.training.config import load_train_config
 
 
 def test_shipped_with_its_card_and_small():
@@ -36,3 +39,21 @@ def test_segments_a_new_phantom_tumour_from_boxes():
     )
     # measured 0.8-0.95 on typical cases; an untrained model scores near 0
     assert binary_scores(out.labels > 0, tumor, spacing=image.spacing).dice > 0.6
+
+
+def test_committed_recipe_describes_the_shipped_model():
+    """configs/train_tiny_phantom.yaml is the recipe the model card quotes: same variant and
+    field of view as the shipped weights, and what made the model meet its targets."""
+    recipe = Path(__file__).parents[2] / "configs" / "train_tiny_phantom.yaml"
+    if not recipe.is_file():
+        pytest.skip("the configs/ folder is not next to the tests (installed package)")
+    config = load_train_config(recipe)
+    model = default_model()
+    assert (config.model.variant, config.model.roi_context) == (
+        model.config.variant,
+        model.config.roi_context,
+    )
+    assert config.model.init_checkpoint is None  # from scratch: no SAM weights at this size
+    assert config.data.class_weights == {"tumor": 3.0}
+    assert config.run.select_by == "dice3d"
+    assert len(config.data.folders) == 6  # 3 phases x (uniform cohort, small-tumor cohort)

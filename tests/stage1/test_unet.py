@@ -6,6 +6,7 @@ import argparse
 import csv
 import importlib.resources
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -401,3 +402,19 @@ def test_shipped_default_segments_a_new_arterial_phantom():
     pred = stage.predict(image)
     assert pred.geometry == image.geometry
     assert binary_scores(pred.array == 2, gt.array == 2, spacing=image.spacing).dice > 0.7
+
+
+def test_committed_recipe_describes_the_shipped_model():
+    """configs/unet_arterial_phantom.yaml is the recipe the model card quotes: it must load and
+    build exactly the shipped network (a drifted recipe would not reproduce the model)."""
+    recipe = Path(__file__).parents[2] / "configs" / "unet_arterial_phantom.yaml"
+    if not recipe.is_file():
+        pytest.skip("the configs/ folder is not next to the tests (installed package)")
+    config = load_unet_train_config(recipe)
+    shipped = load_unet_checkpoint(
+        Path(str(importlib.resources.files("slidesam") / "weights" / "default_unet.pt"))
+    )
+    assert config.model == shipped.config
+    assert shipped.extra["recipe"] == "configs/unet_arterial_phantom.yaml"
+    assert shipped.extra["epoch"] <= config.optim.epochs
+    assert len(config.data.folders) == 3  # the uniform cohort and the two small-tumor cohorts
