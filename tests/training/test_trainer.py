@@ -449,7 +449,7 @@ def test_class_weights_change_what_the_sampler_draws(prepared):
         assert (drawn == "tumor").mean() == pytest.approx(expected, abs=0.015)
 
 
-@pytest.mark.parametrize("value", [0, -1.0, "x", float("inf")])
+@pytest.mark.parametrize("value", [0, -1.0, "x", float("inf"), float("nan"), True])
 def test_class_weights_must_be_positive(tmp_path, value):
     data = {"folders": ["a"], "class_weights": {"tumor": value}}
     with pytest.raises(InputError, match=r"data\.class_weights"):

@@ -86,7 +86,7 @@ class DataConfig:
         if self.weights is not None and any(not w > 0 for w in self.weights):
             raise InputError(f"data.weights must be positive, got {list(self.weights)}")
         if self.class_weights is not None and any(
-            not isinstance(w, int | float) or not 0 < w < float("inf")
+            isinstance(w, bool) or not isinstance(w, int | float) or not 0 < w < float("inf")
             for w in self.class_weights.values()
         ):
             raise InputError(
