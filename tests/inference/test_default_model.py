@@ -55,5 +55,5 @@ def test_committed_recipe_describes_the_shipped_model():
     )
     assert config.model.init_checkpoint is None  # from scratch: no SAM weights at this size
     assert config.data.class_weights == {"tumor": 3.0}
-    assert config.run.select_by == "dice3d"
+    assert config.run.select_by == "window_dice"  # dice3d on 3 volumes picked a fluke epoch
     assert len(config.data.folders) == 6  # 3 phases x (uniform cohort, small-tumor cohort)
