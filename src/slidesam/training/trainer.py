@@ -678,17 +678,18 @@ def class_mix(
     if not class_weights:
         return list(index), None if weights is None else list(weights)
     names = np.asarray(classes)
-    unknown = sorted(set(class_weights) - set(names.tolist()))
+    known = sorted(set(names.tolist()))
+    unknown = sorted(set(class_weights) - set(known))
     if unknown:
         raise InputError(
             f"data.class_weights names class(es) {', '.join(unknown)} that no training sample "
-            f"has; the samples' classes are {', '.join(sorted(set(names.tolist())))}"
+            f"has; the samples' classes are {', '.join(known)}"
         )
-    sizes = [int(i.size) for i in index]
-    shares = list(weights) if weights is not None else sizes
+    shares = list(weights) if weights is not None else [int(i.size) for i in index]
     groups, out = [], []
     for folder, share in zip(index, shares, strict=True):
-        by_class = {c: folder[names[folder] == c] for c in sorted(set(names[folder].tolist()))}
+        folder_names = names[folder]
+        by_class = {c: folder[folder_names == c] for c in np.unique(folder_names).tolist()}
         mass = {c: idx.size * float(class_weights.get(c, 1.0)) for c, idx in by_class.items()}
         total = sum(mass.values())
         for c, idx in by_class.items():
