@@ -6,8 +6,8 @@ label 2 (tumor) with ``slidesam.evaluation.metrics``; "kidney" is the KiTS regio
 (labels 1-3). Prints one row per case (tumor diameter, Dice, HD95, inference seconds) and the
 mean. Target for the shipped arterial model: mean tumor Dice >= 0.85 on >= 6 new cases.
 
-    python bench/unet_dice.py [--checkpoint runs/unet_arterial_phantom/best.pt] [--cases 8]
-        [--seed 1000] [--phase arterial] [--flips] [--threads 2]
+    python bench/unet_dice.py [--checkpoint runs/unet_arterial_phantom/last.pt] [--cases 8]
+        [--seed 1000] [--phase arterial] [--flips] [--mirror-axes 0 1 2] [--threads 2]
 """
 
 from __future__ import annotations
@@ -37,11 +37,22 @@ def main() -> None:
     )
     ap.add_argument("--max-tumors", type=int, help="keep only this many largest tumor components")
     ap.add_argument("--min-tumor-ml", type=float, default=0.0, help="drop smaller tumor components")
+    ap.add_argument(
+        "--mirror-axes",
+        type=int,
+        nargs="*",
+        help="test-time mirroring over these network axes (0 z, 1 y, 2 x); no value = none; "
+        "default: the checkpoint's model.mirror_axes",
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (2)")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    options = {"max_tumors": args.max_tumors, "min_tumor_ml": args.min_tumor_ml}
+    options = {
+        "max_tumors": args.max_tumors,
+        "min_tumor_ml": args.min_tumor_ml,
+        "mirror_axes": None if args.mirror_axes is None else tuple(args.mirror_axes),
+    }
     stage = load_unet(args.checkpoint, **options) if args.checkpoint else default_unet(**options)
     phase = args.phase or stage.config.phase
     config = PhantomConfig(phases=(phase,), random_flips=args.flips)
@@ -51,6 +62,7 @@ def main() -> None:
         f"{args.checkpoint or 'shipped default_unet.pt'} ({stage.config.phase} model) on "
         f"{args.cases} new {phase} phantom cases, seed {args.seed}"
         + (", random flips" if args.flips else "")
+        + (f", mirrored over axes {list(stage.mirror_axes)}" if stage.mirror_axes else "")
         + f", {args.threads} threads"
     )
     print(

@@ -6,6 +6,7 @@ import argparse
 import csv
 import importlib.resources
 import pickle
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -224,6 +225,39 @@ def test_predict_returns_exactly_the_input_geometry_with_an_untrained_network():
     assert set(np.unique(out.array).tolist()) <= {0, 1, 2, 3}
 
 
+def test_mirroring_averages_the_softmax_of_the_flipped_inputs():
+    # a standard grid at the network spacing: the network grid is the image grid, so mirroring
+    # over x equals averaging two one-pass runs, one on the image mirrored by hand
+    geom = Geometry(shape=(10, 12, 14), spacing=(2.0, 2.0, 2.0), origin=(5.0, -3.0, 1.0))
+    rng = np.random.default_rng(1)
+    array = rng.integers(-300, 400, geom.shape).astype(np.int16)
+    net = seeded(TINY, seed=4)
+    one = UNetStage1(net, TINY)
+    p, grid = one.network_probabilities(Volume(array=array, geometry=geom))
+    assert grid == geom
+    q, _ = one.network_probabilities(Volume(array=array[:, :, ::-1].copy(), geometry=geom))
+    both, _ = UNetStage1(net, TINY, mirror_axes=[2]).network_probabilities(
+        Volume(array=array, geometry=geom)
+    )
+    np.testing.assert_allclose(both, (p + q[..., ::-1]) / 2, atol=1e-6)
+    assert np.abs(both - p).max() > 1e-3  # the untrained network is not mirror-symmetric
+    every, _ = UNetStage1(net, TINY, mirror_axes=(2, 0, 1)).network_probabilities(
+        Volume(array=array, geometry=geom)
+    )
+    np.testing.assert_allclose(every.sum(0), 1.0, atol=1e-5)
+    for bad in ([3], [1, 1], "x"):
+        with pytest.raises(InputError, match="mirror_axes"):
+            UNetStage1(net, TINY, mirror_axes=bad)
+        with pytest.raises(InputError, match="mirror_axes"):
+            UNetConfig.from_dict({**TINY.to_dict(), "mirror_axes": bad})
+    # the checkpoint's config sets the default; the predictor's argument overrides it
+    mirrored = UNetConfig.from_dict({**TINY.to_dict(), "mirror_axes": [2]})
+    assert UNetStage1(net, mirrored).mirror_axes == (2,)
+    default, _ = UNetStage1(net, mirrored).network_probabilities(Volume(array=array, geometry=geom))
+    np.testing.assert_array_equal(default, both)
+    assert UNetStage1(net, mirrored, mirror_axes=()).mirror_axes == ()
+
+
 class BrightIsTumor(nn.Module):
     """Voxel-wise stand-in network: tumor where the normalised image exceeds 0.5."""
 
@@ -359,6 +393,50 @@ def test_training_refuses_another_phase_and_too_few_cases(tiny_cohort, tmp_path)
         train_unet(UNetTrainConfig.from_dict(d), progress=False)
 
 
+def test_fine_tuning_starts_from_the_given_weights(tiny_cohort, tmp_path, caplog):
+    # one step at a negligible learning rate: the run's weights are the checkpoint's, not the
+    # seed's (a run without init_checkpoint, same seed, ends elsewhere)
+    config = _tiny_train_config(tiny_cohort, tmp_path / "scratch", epochs=1, steps_per_epoch=1)
+    net = seeded(config.model, seed=11)
+    save_unet_checkpoint(net, config.model, tmp_path / "init.pt")
+    d = config.to_dict()
+    d["optim"].update(lr=1e-12, warmup_steps=0)
+    d["run"].update(out_dir=str(tmp_path / "ft"), init_checkpoint=str(tmp_path / "init.pt"))
+    train_unet(UNetTrainConfig.from_dict(d), progress=False)
+    tuned = load_unet_checkpoint(tmp_path / "ft" / "last.pt")
+    assert tuned.extra["train_config"]["run"]["init_checkpoint"] == str(tmp_path / "init.pt")
+    d["run"].update(out_dir=str(tmp_path / "scratch"), init_checkpoint=None)
+    train_unet(UNetTrainConfig.from_dict(d), progress=False)
+    scratch = load_unet_checkpoint(tmp_path / "scratch" / "last.pt")
+    for key, value in net.state_dict().items():
+        assert torch.allclose(tuned.model.state_dict()[key], value, atol=1e-8), key
+    assert any(
+        not torch.allclose(scratch.model.state_dict()[k], v) for k, v in net.state_dict().items()
+    )
+
+    # another preprocessing is allowed (with a warning); another network is refused by name
+    d["run"].update(out_dir=str(tmp_path / "ft2"), init_checkpoint=str(tmp_path / "init.pt"))
+    d["model"]["target_spacing"] = [5.0, 6.0, 6.0]
+    with caplog.at_level("WARNING", logger="slidesam.stage1.train"):
+        train_unet(UNetTrainConfig.from_dict(d), progress=False)
+    assert "model.target_spacing [5.0, 6.0, 6.0] (it was trained with [6.0, 6.0, 6.0])" in (
+        caplog.text
+    )
+    d["model"].update(channels=[4, 8, 16], label_names=["background", "kidney", "tumor"])
+    with pytest.raises(InputError, match=r"channels: \[8, 16, 32\] there, \[4, 8, 16\] here"):
+        train_unet(UNetTrainConfig.from_dict(d), progress=False)
+    with pytest.raises(InputError, match=r"label_names: .*'cyst'\] there"):
+        train_unet(UNetTrainConfig.from_dict(d), progress=False)
+    d["run"]["init_checkpoint"] = "default"
+    with pytest.raises(InputError, match=r"shipped default U-Net has another network.*channels"):
+        train_unet(UNetTrainConfig.from_dict(d), progress=False)
+    d["run"]["init_checkpoint"] = str(tmp_path / "nope.pt")
+    with pytest.raises(InputError, match=r"init_checkpoint .*nope\.pt: no such file"):
+        train_unet(UNetTrainConfig.from_dict(d), progress=False)
+    with pytest.raises(InputError, match=r"run\.init_checkpoint must be"):
+        UNetTrainConfig.from_dict({**d, "run": {"init_checkpoint": 3}})
+
+
 def test_cli_trains_from_a_config(tiny_cohort, tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="slidesam")
     cli.register(parser.add_subparsers(dest="command"))
@@ -384,9 +462,13 @@ def test_cli_trains_from_a_config(tiny_cohort, tmp_path, capsys):
     args = parser.parse_args([*good, "--data", str(tmp_path)])
     with pytest.raises(InputError, match="not an nnU-Net raw dataset"):
         args.func(args)
+    args = parser.parse_args([*good, "--init", "default"])  # the shipped model is wider
+    with pytest.raises(InputError, match="shipped default U-Net has another network"):
+        args.func(args)
     help_text = parser._subparsers._group_actions[0].choices["unet-train"].format_help()
     assert "--config" in help_text
     assert "best.pt" in help_text
+    assert "--init" in help_text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -416,5 +498,16 @@ def test_committed_recipe_describes_the_shipped_model():
     )
     assert config.model == shipped.config
     assert shipped.extra["recipe"] == "configs/unet_arterial_phantom.yaml"
-    assert shipped.extra["epoch"] <= config.optim.epochs
-    assert len(config.data.folders) == 3  # the uniform cohort and the two small-tumor cohorts
+    assert shipped.extra["epoch"] == config.optim.epochs  # the recipe ships last.pt
+    # mirrored at inference: only sound for a model trained with flips
+    assert shipped.config.mirror_axes == (0, 1, 2)
+    assert config.augment.flip_p > 0
+    # step 2 fine-tunes step 1's best.pt: same network, same data plus one more cohort
+    base = load_unet_train_config(recipe.with_name("unet_arterial_phantom_base.yaml"))
+    assert config.run.init_checkpoint == f"{base.run.out_dir}/best.pt"
+    assert base.run.init_checkpoint is None
+    assert replace(base.model, mirror_axes=(0, 1, 2)) == config.model
+    assert base.augment == config.augment
+    assert config.data.folders[:3] == base.data.folders
+    assert len(config.data.folders) == 4
+    assert config.optim.lr < base.optim.lr

@@ -17,7 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "'slidesam phantom'. Every image is resampled to the model's target spacing in a "
             "standard axial orientation; random patches (part centred on the tumor) with "
             "intensity augmentation; "
-            "DiceCE loss, AdamW; held-out tumor Dice after each epoch. Writes to the run "
+            "DiceCE loss, AdamW; held-out tumor Dice after each epoch; --init fine-tunes "
+            "trained weights on your data. Writes to the run "
             "folder: config.yaml, log.csv, last.pt and best.pt (load with "
             "slidesam.stage1.load_unet). The YAML sections (data, model, augment, optim, run) "
             "are described in slidesam.stage1.train; see configs/unet_arterial_phantom.yaml."
@@ -36,6 +37,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--phase",
         help="the phase the data hold and the model is for, overriding model.phase",
     )
+    p.add_argument(
+        "--init",
+        metavar="CKPT|default",
+        help="fine-tune: start from this slidesam U-Net checkpoint ('default': the shipped "
+        "model) instead of random weights, overriding run.init_checkpoint; the config's model "
+        "section must describe the same network",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -52,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
         config = replace(config, data=replace(config.data, folders=tuple(args.data)))
     if args.phase:
         config = replace(config, model=replace(config.model, phase=args.phase))
+    if args.init:
+        config = replace(config, run=replace(config.run, init_checkpoint=args.init))
     best = train_unet(config, progress=not args.no_progress)
     extra = load_unet_checkpoint(best).extra
     scores = extra.get("validation") or {}

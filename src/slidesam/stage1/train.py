@@ -15,6 +15,8 @@ The recipe (the embedded arterial model's, and the per-phase baselines' on any p
 - **Validation** after every ``run.val_every`` epochs: :class:`~slidesam.stage1.unet.UNetStage1`
   segments each held-out image on its own grid (the deployed path), and the tumor and kidney
   Dice (``slidesam.evaluation.metrics``) are logged. ``best.pt`` keeps the best mean tumor Dice.
+- **Fine-tuning**: ``run.init_checkpoint`` starts from trained weights (``default``: the shipped
+  model) with the same network; everything else (data, schedule, validation) is as above.
 - **Seeding**: numpy ``Generator``\\ s for the split, patches and augmentation; the initial
   weights from ``torch.manual_seed`` inside ``torch.random.fork_rng`` (the caller's global RNG
   state is restored). ``torch.set_num_threads(run.num_threads)`` is restored on return.
@@ -30,7 +32,7 @@ Config file (YAML; every section optional except ``data``; unknown sections or k
     optim:   {lr: 0.002, weight_decay: 0.0001, batch_size: 2, epochs: 30, steps_per_epoch: 40,
               warmup_steps: 20, cosine: true, grad_clip: 12.0}
     run:     {out_dir: runs/unet, seed: 0, device: cpu, num_threads: 2, val_every: 1,
-              max_minutes: null}
+              max_minutes: null, init_checkpoint: null}
 
 A run folder holds ``config.yaml`` (this config), ``log.csv`` (one row per epoch), ``last.pt``
 and ``best.pt`` (``slidesam-unet`` checkpoints whose ``extra`` holds the epoch, the validation
@@ -64,6 +66,8 @@ from slidesam.stage1.unet import (
     _as_int,
     _as_seq,
     build_unet,
+    load_default_unet_checkpoint,
+    load_unet_checkpoint,
     network_geometry,
     normalize,
     resample,
@@ -263,6 +267,10 @@ class UNetRunConfig:
         num_threads: torch CPU threads during the run (restored afterwards).
         val_every: validate after every this many epochs (and after the last).
         max_minutes: stop after the epoch during which this much time has passed; null = never.
+        init_checkpoint: fine-tune: start from these weights instead of random ones, a
+            ``slidesam-unet`` checkpoint file or ``default`` (the shipped model). Its network
+            (channels, strides, residual units, norm, label names) must equal
+            ``model``'s; the optimiser and the schedule start afresh. null = random weights.
     """
 
     out_dir: str = "runs/unet"
@@ -271,8 +279,16 @@ class UNetRunConfig:
     num_threads: int = 2
     val_every: int = 1
     max_minutes: float | None = None
+    init_checkpoint: str | None = None
 
     def __post_init__(self) -> None:
+        if self.init_checkpoint is not None:
+            if not isinstance(self.init_checkpoint, str | Path) or not str(self.init_checkpoint):
+                raise InputError(
+                    "run.init_checkpoint must be a checkpoint path, 'default' or null, got "
+                    f"{self.init_checkpoint!r}"
+                )
+            object.__setattr__(self, "init_checkpoint", str(self.init_checkpoint))
         if not isinstance(self.out_dir, str | Path) or not str(self.out_dir):
             raise InputError(f"run.out_dir must be a folder path, got {self.out_dir!r}")
         object.__setattr__(self, "out_dir", str(self.out_dir))
@@ -509,6 +525,12 @@ def train_unet(config: UNetTrainConfig, *, progress: bool = True) -> Path:
         raise InputError(f"run.device {run.device!r} is not a torch device") from None
     files = [c for folder in config.data.folders for c in find_cases(folder, phase=mcfg.phase)]
     train_files, val_files = split_cases(files, config.data.val_cases, run.seed)
+    if mcfg.mirror_axes and config.augment.flip_p == 0:
+        log.warning(
+            "model.mirror_axes %s asks for test-time mirroring of a model trained without flips "
+            "(augment.flip_p 0): mirrored inputs are new to it",
+            list(mcfg.mirror_axes),
+        )
 
     out = Path(run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -546,7 +568,10 @@ def train_unet(config: UNetTrainConfig, *, progress: bool = True) -> Path:
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(run.seed)
-            model = build_unet(mcfg).to(device)
+            model = build_unet(mcfg)
+        if run.init_checkpoint is not None:
+            _load_init_weights(model, mcfg, run.init_checkpoint)
+        model = model.to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
         loss_fn = DiceCELoss(
             to_onehot_y=True,
@@ -556,7 +581,8 @@ def train_unet(config: UNetTrainConfig, *, progress: bool = True) -> Path:
             lambda_ce=config.loss.lambda_ce,
         )
         rng = np.random.default_rng([run.seed, 1])
-        stage = UNetStage1(model, mcfg, device=run.device, name="validation")
+        # one pass: validating with model.mirror_axes would cost 2 ** len(mirror_axes) passes
+        stage = UNetStage1(model, mcfg, device=run.device, name="validation", mirror_axes=())
 
         extra_base = {
             "train_config": config.to_dict(),
@@ -654,6 +680,45 @@ def train_unet(config: UNetTrainConfig, *, progress: bool = True) -> Path:
             out / "best.pt",
         )
     return out / "best.pt"
+
+
+_NETWORK_FIELDS = ("channels", "strides", "num_res_units", "norm", "label_names")
+
+
+def _load_init_weights(model: torch.nn.Module, config: UNetConfig, source: str) -> None:
+    """Copy the weights of checkpoint ``source`` (a path or ``default``) into ``model``.
+
+    Raises:
+        InputError: an unreadable checkpoint, or one whose network differs from ``config``'s
+            (the message names each differing field with both values).
+    """
+    if source == "default":
+        ckpt, where = load_default_unet_checkpoint(), "the shipped default U-Net"
+    else:
+        if not Path(source).is_file():
+            raise InputError(f"run.init_checkpoint {source}: no such file")
+        ckpt, where = load_unet_checkpoint(source), f"run.init_checkpoint {source}"
+    theirs, ours = ckpt.config.to_dict(), config.to_dict()
+    differ = [
+        f"{k}: {theirs[k]} there, {ours[k]} here" for k in _NETWORK_FIELDS if theirs[k] != ours[k]
+    ]
+    if differ:
+        raise InputError(
+            f"{where} has another network than this run's model section ("
+            + "; ".join(differ)
+            + "); copy its model section into the config to fine-tune it"
+        )
+    for key in ("target_spacing", "hu_window", "phase"):
+        if theirs[key] != ours[key]:
+            log.warning(
+                "fine-tuning %s with model.%s %s (it was trained with %s)",
+                where,
+                key,
+                ours[key],
+                theirs[key],
+            )
+    model.load_state_dict(ckpt.model.state_dict())
+    log.info("initial weights from %s", where)
 
 
 def _write_log(path: Path, columns: list[str], rows: list[dict]) -> None:

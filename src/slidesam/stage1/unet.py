@@ -106,6 +106,13 @@ def _as_seq(value: Any, name: str, length: int | None = None) -> tuple:
 # ----------------------------------------------------------------------------------------------
 # configuration
 # ----------------------------------------------------------------------------------------------
+def _mirror_axes(value: Any) -> tuple[int, ...]:
+    axes = tuple(_as_int(a, "mirror_axes", 0) for a in _as_seq(value, "mirror_axes"))
+    if any(a > 2 for a in axes) or len(set(axes)) != len(axes):
+        raise InputError(f"mirror_axes must be distinct axes among 0, 1, 2; got {list(axes)}")
+    return tuple(sorted(axes))
+
+
 def _stride_product(strides) -> tuple[int, int, int]:
     out = np.ones(3, dtype=int)
     for s in strides:
@@ -135,6 +142,10 @@ class UNetConfig:
             training patches; each a multiple of :attr:`patch_multiple`. With instance norm
             the inference window should equal the training patch.
         phase: contrast phase the model was trained on (``plain``, ``arterial``, ``venous``).
+        mirror_axes: default test-time mirroring (as nnU-Net's ``allowed_mirroring_axes``):
+            network-grid axes (0 z, 1 y, 2 x; patient S-I, A-P, L-R on the axial grid) whose
+            flips are averaged, 2 ** len(mirror_axes) passes; only for a model trained with
+            flips (``augment.flip_p``). () = one pass. :class:`UNetStage1` may override it.
     """
 
     channels: tuple[int, ...] = (16, 32, 64, 128)
@@ -147,6 +158,7 @@ class UNetConfig:
     hu_window: tuple[float, float] = (-200.0, 400.0)
     patch_size: tuple[int, int, int] = (32, 80, 80)
     phase: str = "arterial"
+    mirror_axes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -215,6 +227,7 @@ class UNetConfig:
         set_("patch_size", patch)
         if self.phase not in PHASES:
             raise InputError(f"phase must be one of {', '.join(PHASES)}, got {self.phase!r}")
+        set_("mirror_axes", _mirror_axes(self.mirror_axes))
 
     @property
     def patch_multiple(self) -> tuple[int, int, int]:
@@ -350,11 +363,8 @@ def load_unet(path: str | Path, *, device: str = "cpu", **options: Any) -> UNetS
     return UNetStage1(ckpt.model, ckpt.config, device=device, name=Path(path).name, **options)
 
 
-def default_unet(*, device: str = "cpu", **options: Any) -> UNetStage1:
-    """The U-Net shipped in the package (``slidesam/weights/default_unet.pt``).
-
-    Trained on synthetic arterial-phase phantoms only (see ``MODEL_CARD_unet.md`` next to it):
-    a demonstration and test model, **not for real CT**.
+def load_default_unet_checkpoint() -> UNetCheckpoint:
+    """The checkpoint shipped in the package (``slidesam/weights/default_unet.pt``).
 
     Raises:
         InputError: the weights file is not installed.
@@ -366,9 +376,22 @@ def default_unet(*, device: str = "cpu", **options: Any) -> UNetStage1:
             "reinstall the package, or train one with 'slidesam unet-train' and use load_unet"
         )
     with importlib.resources.as_file(resource) as path:
-        stage = load_unet(path, device=device, **options)
-    stage.name = "default U-Net (arterial phantoms)"
-    return stage
+        return load_unet_checkpoint(path)
+
+
+def default_unet(*, device: str = "cpu", **options: Any) -> UNetStage1:
+    """The U-Net shipped in the package (``slidesam/weights/default_unet.pt``).
+
+    Trained on synthetic arterial-phase phantoms only (see ``MODEL_CARD_unet.md`` next to it):
+    a demonstration and test model, **not for real CT**.
+
+    Raises:
+        InputError: the weights file is not installed.
+    """
+    ckpt = load_default_unet_checkpoint()
+    return UNetStage1(
+        ckpt.model, ckpt.config, device=device, name="default U-Net (arterial phantoms)", **options
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -470,6 +493,10 @@ class UNetStage1:
         min_tumor_ml: drop tumor components (26-connected) smaller than this, ml; 0 = keep all.
         max_tumors: keep only this many largest tumor components; None = all. Dropped tumor
             voxels take their most probable non-tumor class.
+        mirror_axes: test-time mirroring, as nnU-Net does: network-grid axes (0 z, 1 y, 2 x; the
+            grid is axial, so patient S-I, A-P, L-R) to flip; the softmax is averaged over
+            every combination (2 ** len(mirror_axes) passes). None = ``config.mirror_axes``;
+            () = one pass (fastest).
         name: description for logs.
     """
 
@@ -483,6 +510,7 @@ class UNetStage1:
         sw_batch_size: int = 1,
         min_tumor_ml: float = 0.0,
         max_tumors: int | None = None,
+        mirror_axes: tuple[int, ...] | None = None,
         name: str = "U-Net",
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -496,6 +524,7 @@ class UNetStage1:
         if min_tumor_ml < 0:
             raise InputError(f"min_tumor_ml must be >= 0, got {min_tumor_ml}")
         self.max_tumors = None if max_tumors is None else _as_int(max_tumors, "max_tumors", 1)
+        self.mirror_axes = config.mirror_axes if mirror_axes is None else _mirror_axes(mirror_axes)
         try:
             self.device = torch.device(device)
         except RuntimeError:
@@ -516,21 +545,31 @@ class UNetStage1:
         grid = network_geometry(volume.geometry, cfg.target_spacing)
         image = resample(volume.array.astype(np.float32), volume.geometry, grid, linear=True)
         x = torch.from_numpy(normalize(image, cfg.hu_window))[None, None].to(self.device)
+        flips = [
+            tuple(2 + a for a in combo)
+            for k in range(len(self.mirror_axes) + 1)
+            for combo in itertools.combinations(self.mirror_axes, k)
+        ]
+        total = None
         with torch.inference_mode():
-            logits = sliding_window_inference(
-                x,
-                roi_size=cfg.patch_size,
-                sw_batch_size=self.sw_batch_size,
-                predictor=self.model,
-                overlap=self.overlap,
-                mode="gaussian",
-            )
-            if logits.shape[1] != cfg.num_classes:
-                raise InputError(
-                    f"the network gives {logits.shape[1]} channels but the config names "
-                    f"{cfg.num_classes} classes ({', '.join(cfg.label_names)})"
+            for dims in flips:
+                logits = sliding_window_inference(
+                    x.flip(dims) if dims else x,
+                    roi_size=cfg.patch_size,
+                    sw_batch_size=self.sw_batch_size,
+                    predictor=self.model,
+                    overlap=self.overlap,
+                    mode="gaussian",
                 )
-            probs = torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
+                if logits.shape[1] != cfg.num_classes:
+                    raise InputError(
+                        f"the network gives {logits.shape[1]} channels but the config names "
+                        f"{cfg.num_classes} classes ({', '.join(cfg.label_names)})"
+                    )
+                probs = torch.softmax(logits.float(), dim=1)
+                probs = probs.flip(dims) if dims else probs
+                total = probs if total is None else total + probs
+            probs = (total / len(flips))[0].cpu().numpy()
         return np.ascontiguousarray(probs, dtype=np.float32), grid
 
     # -- input grid ---------------------------------------------------------------------------
