@@ -416,10 +416,13 @@ def test_fine_tuning_starts_from_the_given_weights(tiny_cohort, tmp_path, caplog
 
     # another preprocessing is allowed (with a warning); another network is refused by name
     d["run"].update(out_dir=str(tmp_path / "ft2"), init_checkpoint=str(tmp_path / "init.pt"))
-    d["model"]["target_spacing"] = [5.0, 6.0, 6.0]
+    d["model"].update(target_spacing=[5.0, 6.0, 6.0], mirror_axes=[2])
     with caplog.at_level("WARNING", logger="slidesam.stage1.train"):
         train_unet(UNetTrainConfig.from_dict(d), progress=False)
     assert "model.target_spacing [5.0, 6.0, 6.0] (it was trained with [6.0, 6.0, 6.0])" in (
+        caplog.text
+    )
+    assert "model.mirror_axes [2] asks for test-time mirroring of a model trained without" in (
         caplog.text
     )
     d["model"].update(channels=[4, 8, 16], label_names=["background", "kidney", "tumor"])
@@ -430,9 +433,10 @@ def test_fine_tuning_starts_from_the_given_weights(tiny_cohort, tmp_path, caplog
     d["run"]["init_checkpoint"] = "default"
     with pytest.raises(InputError, match=r"shipped default U-Net has another network.*channels"):
         train_unet(UNetTrainConfig.from_dict(d), progress=False)
-    d["run"]["init_checkpoint"] = str(tmp_path / "nope.pt")
+    d["run"].update(init_checkpoint=str(tmp_path / "nope.pt"), out_dir=str(tmp_path / "ft3"))
     with pytest.raises(InputError, match=r"init_checkpoint .*nope\.pt: no such file"):
         train_unet(UNetTrainConfig.from_dict(d), progress=False)
+    assert not (tmp_path / "ft3").exists()  # refused before the run folder is made
     with pytest.raises(InputError, match=r"run\.init_checkpoint must be"):
         UNetTrainConfig.from_dict({**d, "run": {"init_checkpoint": 3}})
 

@@ -531,6 +531,8 @@ def train_unet(config: UNetTrainConfig, *, progress: bool = True) -> Path:
             "(augment.flip_p 0): mirrored inputs are new to it",
             list(mcfg.mirror_axes),
         )
+    # checked before anything is written or loaded: a wrong init checkpoint fails at once
+    init = None if run.init_checkpoint is None else _init_weights(mcfg, run.init_checkpoint)
 
     out = Path(run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -569,8 +571,8 @@ def train_unet(config: UNetTrainConfig, *, progress: bool = True) -> Path:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(run.seed)
             model = build_unet(mcfg)
-        if run.init_checkpoint is not None:
-            _load_init_weights(model, mcfg, run.init_checkpoint)
+        if init is not None:
+            model.load_state_dict(init)
         model = model.to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
         loss_fn = DiceCELoss(
@@ -685,8 +687,8 @@ def train_unet(config: UNetTrainConfig, *, progress: bool = True) -> Path:
 _NETWORK_FIELDS = ("channels", "strides", "num_res_units", "norm", "label_names")
 
 
-def _load_init_weights(model: torch.nn.Module, config: UNetConfig, source: str) -> None:
-    """Copy the weights of checkpoint ``source`` (a path or ``default``) into ``model``.
+def _init_weights(config: UNetConfig, source: str) -> dict[str, torch.Tensor]:
+    """The state dict of checkpoint ``source`` (a path or ``default``) for ``config``'s network.
 
     Raises:
         InputError: an unreadable checkpoint, or one whose network differs from ``config``'s
@@ -717,8 +719,8 @@ def _load_init_weights(model: torch.nn.Module, config: UNetConfig, source: str) 
                 ours[key],
                 theirs[key],
             )
-    model.load_state_dict(ckpt.model.state_dict())
     log.info("initial weights from %s", where)
+    return ckpt.model.state_dict()
 
 
 def _write_log(path: Path, columns: list[str], rows: list[dict]) -> None:
